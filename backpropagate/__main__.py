@@ -1,0 +1,3 @@
+from backpropagate.cli import main
+
+main()

@@ -1,0 +1,292 @@
+"""The event schema: the only wire format from worker to server to browser.
+
+A worker appends one JSON object per line to ``RUN_DIR/events.jsonl``. Every event has ``v``
+(schema version), ``type``, ``run_id``, ``seq`` (1, 2, 3, ... without gaps) and ``ts`` (Unix
+seconds). Producers build an event with the payload only; :class:`EventLog` stamps ``run_id``,
+``seq`` and ``ts`` as it writes. Documented in docs/events.md (a test keeps it in step).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+
+SCHEMA_VERSION = 1
+
+RunStatus = Literal["queued", "running", "paused", "completed", "failed", "cancelled", "interrupted"]
+TERMINAL_STATUSES: frozenset[str] = frozenset({"completed", "failed", "cancelled", "interrupted"})
+
+
+class EventBase(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    v: int = SCHEMA_VERSION
+    run_id: str = ""
+    seq: int = 0
+    ts: float = 0.0
+
+
+class RunStarted(EventBase):
+    """The worker is up and has read its config."""
+
+    type: Literal["run_started"] = "run_started"
+    pid: int
+    resumed_from_step: int | None = None
+    config: dict[str, Any] = Field(default_factory=dict)
+    backend: str | None = None
+    device: str | None = None
+    total_steps: int | None = None
+
+
+class Status(EventBase):
+    """A change of phase: loading model, tokenizing, training, saving, ..."""
+
+    type: Literal["status"] = "status"
+    status: RunStatus
+    phase: str | None = None
+    message: str | None = None
+
+
+class Step(EventBase):
+    """One optimizer step."""
+
+    type: Literal["step"] = "step"
+    step: int
+    total_steps: int
+    epoch: float
+    loss: float
+    lr: float
+    grad_norm: float | None = None
+    tokens_per_s: float | None = None
+    micro_batch: int | None = None
+    grad_accum: int | None = None
+
+
+class GpuDevice(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    index: int
+    name: str | None = None
+    temperature_c: float | None = None
+    memory_used_mb: float | None = None
+    memory_total_mb: float | None = None
+    utilization_pct: float | None = None
+    power_w: float | None = None
+    slowdown_temp_c: float | None = None
+    throttle_reasons: list[str] = Field(default_factory=list)
+
+
+class Gpu(EventBase):
+    """A telemetry sample for each GPU the run uses."""
+
+    type: Literal["gpu"] = "gpu"
+    devices: list[GpuDevice]
+
+
+class Eval(EventBase):
+    type: Literal["eval"] = "eval"
+    step: int
+    loss: float
+    perplexity: float
+
+
+class Checkpoint(EventBase):
+    type: Literal["checkpoint"] = "checkpoint"
+    step: int
+    path: str
+    bytes: int
+    best: bool = False
+
+
+class Paused(EventBase):
+    type: Literal["paused"] = "paused"
+    reason: Literal["temperature", "user"]
+    step: int | None = None
+    temperature_c: float | None = None
+    code: str | None = None
+
+
+class Resumed(EventBase):
+    type: Literal["resumed"] = "resumed"
+    reason: Literal["temperature", "user"]
+    step: int | None = None
+    temperature_c: float | None = None
+
+
+class OomRecovered(EventBase):
+    type: Literal["oom_recovered"] = "oom_recovered"
+    step: int
+    old_micro_batch: int
+    new_micro_batch: int
+    grad_accum: int
+    retries: int = 0
+
+
+class Warning_(EventBase):
+    type: Literal["warning"] = "warning"
+    code: str
+    message: str
+    hint: str | None = None
+
+
+class Error(EventBase):
+    type: Literal["error"] = "error"
+    code: str
+    message: str
+    hint: str | None = None
+    retryable: bool = False
+
+
+class Completed(EventBase):
+    type: Literal["completed"] = "completed"
+    step: int
+    final_loss: float | None = None
+    eval_loss: float | None = None
+    adapter_path: str | None = None
+    runtime_s: float | None = None
+    metrics: dict[str, float] = Field(default_factory=dict)
+
+
+class Failed(EventBase):
+    type: Literal["failed"] = "failed"
+    code: str
+    message: str
+    hint: str | None = None
+    retryable: bool = False
+    step: int | None = None
+    exit_code: int | None = None
+
+
+class Cancelled(EventBase):
+    type: Literal["cancelled"] = "cancelled"
+    step: int | None = None
+    checkpoint: str | None = None
+
+
+Event = Annotated[
+    RunStarted
+    | Status
+    | Step
+    | Gpu
+    | Eval
+    | Checkpoint
+    | Paused
+    | Resumed
+    | OomRecovered
+    | Warning_
+    | Error
+    | Completed
+    | Failed
+    | Cancelled,
+    Field(discriminator="type"),
+]
+EVENT_TYPES: tuple[type[EventBase], ...] = (
+    RunStarted, Status, Step, Gpu, Eval, Checkpoint, Paused, Resumed,
+    OomRecovered, Warning_, Error, Completed, Failed, Cancelled,
+)  # fmt: skip
+FINAL_TYPES: frozenset[str] = frozenset({"completed", "failed", "cancelled"})
+# Types whose loss would hurt: fsync them so a crash right after cannot lose them.
+DURABLE_TYPES: frozenset[str] = frozenset(
+    {"run_started", "status", "checkpoint", "error", "completed", "failed", "cancelled", "paused"}
+)
+
+_adapter: TypeAdapter[Any] = TypeAdapter(Event)
+
+
+def parse_event(data: dict[str, Any] | str | bytes) -> EventBase:
+    """Parse one event from a dict or a JSON line."""
+    if isinstance(data, (str, bytes)):
+        return _adapter.validate_json(data)
+    return _adapter.validate_python(data)
+
+
+def read_events(path: Path, after: int = 0) -> Iterator[EventBase]:
+    """Events of a log with seq > ``after``. A torn last line (a crash mid-write) is ignored."""
+    path = Path(path)
+    if not path.exists():
+        return
+    with path.open("rb") as fh:
+        for line in fh:
+            if not line.endswith(b"\n"):
+                break  # partially written; the writer will finish or it was lost in a crash
+            event = parse_event(line)
+            if event.seq > after:
+                yield event
+
+
+class EventLog:
+    """Append-only writer of ``events.jsonl`` for one run; thread-safe, gapless ``seq``.
+
+    Reopening an existing log continues its numbering, so a resumed run extends its history.
+    """
+
+    def __init__(self, path: Path, run_id: str) -> None:
+        self.path = Path(path)
+        self.run_id = run_id
+        self._lock = threading.Lock()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._truncate_torn_tail()
+        self._seq = max((e.seq for e in read_events(self.path)), default=0)
+        self._fh = self.path.open("ab")
+
+    def _truncate_torn_tail(self) -> None:
+        if not self.path.exists():
+            return
+        data = self.path.read_bytes()
+        if data and not data.endswith(b"\n"):
+            with self.path.open("r+b") as fh:
+                fh.truncate(data.rfind(b"\n") + 1)
+
+    @property
+    def last_seq(self) -> int:
+        return self._seq
+
+    def append(self, event: EventBase) -> EventBase:
+        """Stamp ``run_id``, ``seq`` and ``ts`` on ``event``, write it, and return the stamped copy."""
+        with self._lock:
+            stamped = event.model_copy(
+                update={"run_id": self.run_id, "seq": self._seq + 1, "ts": time.time()}
+            )
+            self._fh.write(stamped.model_dump_json().encode() + b"\n")
+            self._fh.flush()
+            if stamped.type in DURABLE_TYPES:  # type: ignore[attr-defined]
+                os.fsync(self._fh.fileno())
+            self._seq += 1
+            return stamped
+
+    def close(self) -> None:
+        with self._lock:
+            if not self._fh.closed:
+                self._fh.flush()
+                os.fsync(self._fh.fileno())
+                self._fh.close()
+
+    def __enter__(self) -> EventLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def event_json(event: EventBase) -> str:
+    """The JSON text of an event, as it appears in the log and on the wire."""
+    return event.model_dump_json()
+
+
+def schema_doc() -> dict[str, Any]:
+    """JSON schema of every event type, for docs/events.md and the API."""
+    return {cls.model_fields["type"].default: cls.model_json_schema() for cls in EVENT_TYPES}
+
+
+__all__ = [
+    "SCHEMA_VERSION", "EventBase", "Event", "EventLog", "parse_event", "read_events", "event_json",
+    "RunStarted", "Status", "Step", "GpuDevice", "Gpu", "Eval", "Checkpoint", "Paused", "Resumed",
+    "OomRecovered", "Warning_", "Error", "Completed", "Failed", "Cancelled", "FINAL_TYPES",
+    "TERMINAL_STATUSES", "RunStatus",
+]  # fmt: skip

@@ -1,0 +1,75 @@
+"""Process-wide settings, read from the environment (prefix ``BACKPROPAGATE_``, nesting ``__``).
+
+Per-run hyperparameters live in :class:`backpropagate.config.RunConfig`, not here.
+Every field is documented in docs/configuration.md; a test fails when one is missing.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ServerSettings(BaseModel):
+    """The web app and API server."""
+
+    host: str = Field("127.0.0.1", description="Interface the server binds to.")
+    port: int = Field(7860, ge=1, le=65535, description="Port the server listens on.")
+    max_upload_mb: int = Field(200, ge=1, description="Largest data set upload accepted, in MB.")
+    session_hours: float = Field(12.0, gt=0, description="How long a login session lasts.")
+    max_concurrent_runs: int = Field(
+        1, ge=1, description="Runs allowed to train at once on CPU (GPU runs take one GPU each)."
+    )
+
+
+class Settings(BaseSettings):
+    """Settings for every process (CLI, server, worker)."""
+
+    model_config = SettingsConfigDict(env_prefix="BACKPROPAGATE_", env_nested_delimiter="__", extra="ignore")
+
+    home: Path = Field(
+        Path.home() / ".backpropagate",
+        description="Folder holding the database, runs, uploads, demo models and exports.",
+    )
+    db_url: str | None = Field(
+        None, description="SQLAlchemy URL of the run store; default SQLite file under home."
+    )
+    log_level: str = Field("INFO", description="Logging level (DEBUG, INFO, WARNING, ERROR).")
+    log_json: bool = Field(False, description="Write log lines as JSON objects instead of text.")
+    offline: bool = Field(
+        False, description="Never reach the Hugging Face Hub (also implied by HF_HUB_OFFLINE=1)."
+    )
+    server: ServerSettings = Field(default_factory=ServerSettings)
+
+    @property
+    def database_url(self) -> str:
+        return self.db_url or f"sqlite:///{self.home / 'backprop.db'}"
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.home / "runs"
+
+    @property
+    def datasets_dir(self) -> Path:
+        return self.home / "datasets"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.home / "models"
+
+    @property
+    def exports_dir(self) -> Path:
+        return self.home / "exports"
+
+    def ensure_dirs(self) -> None:
+        for path in (self.home, self.runs_dir, self.datasets_dir, self.models_dir, self.exports_dir):
+            path.mkdir(parents=True, exist_ok=True)
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The settings of this process (read once; call ``get_settings.cache_clear()`` in tests)."""
+    return Settings()
