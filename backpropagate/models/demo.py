@@ -1,0 +1,354 @@
+"""The tiny offline demo models: a Llama and a Qwen2 built from a seed, briefly trained on a bundled corpus.
+
+``resolve_model("demo")`` gives a local folder that transformers loads like any hub model, so every
+feature (training, export, chat) can be tried and tested without downloading weights.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from backpropagate.errors import BackpropError, ErrorCode
+from backpropagate.settings import get_settings
+
+DEMO_NAMES = ("demo", "demo-llama", "demo-qwen2")
+# `demo` is Qwen2: its q/k/v biases and unpermuted rope exercise more of the export path
+# than Llama does, and most small instruct models people fine-tune are Qwen-family.
+DEMO_ALIASES = {"demo": "demo-qwen2"}
+BUILT_NAMES = ("demo-llama", "demo-qwen2")
+
+# Bumped whenever the recipe below changes what gets built; older folders are rebuilt.
+RECIPE_VERSION = 1
+CORPUS_DIR = Path(__file__).parent / "corpus"
+MARKER = "demo.json"
+
+Progress = Callable[[str, int, int], None]
+"""``progress(model_name, steps_done, steps_total)``; called as training advances."""
+
+
+@dataclass(frozen=True)
+class DemoSpec:
+    """The shape and training budget of one demo model."""
+
+    architecture: str  # "llama" | "qwen2"
+    hidden_size: int = 256
+    intermediate_size: int = 768
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    steps: int = 120
+    batch_size: int = 8
+    seq_len: int = 128
+    lr: float = 3e-3
+
+
+# Hidden and FFN widths are multiples of 256 so that GGUF K-quants (Q4_K_M, ...) apply to every
+# weight; llama.cpp silently falls back to another type otherwise.
+SPECS = {
+    "demo-llama": DemoSpec("llama", intermediate_size=768),
+    "demo-qwen2": DemoSpec("qwen2", intermediate_size=512),
+}
+
+
+def canonical_name(name: str) -> str:
+    """``demo`` -> ``demo-qwen2``; the other demo names are their own folder names."""
+    return DEMO_ALIASES.get(name, name)
+
+
+def demo_path(name: str, models_dir: Path | None = None) -> Path:
+    return Path(models_dir or get_settings().models_dir) / canonical_name(name)
+
+
+def is_built(path: Path) -> bool:
+    """A demo folder is complete when its marker names the current recipe (it is written last)."""
+    try:
+        info = json.loads((path / MARKER).read_text())
+    except (OSError, ValueError):
+        return False
+    return info.get("recipe_version") == RECIPE_VERSION and (path / "model.safetensors").is_file()
+
+
+def resolve_model(name: str) -> str:
+    """Turn what a user typed into something ``from_pretrained`` accepts.
+
+    Demo names become their local folder (built on first use); an existing local folder becomes
+    its absolute path; anything else (a hub id) is returned unchanged.
+    """
+    if name in DEMO_NAMES:
+        path = demo_path(name)
+        if not is_built(path):
+            make_demo_models(path.parent, names=(canonical_name(name),))
+        return str(path)
+    local = Path(name).expanduser()
+    if local.is_dir():
+        return str(local.resolve())
+    return name
+
+
+@contextmanager
+def _build_lock(models_dir: Path) -> Iterator[None]:
+    # One builder at a time per models folder, across processes: test workers and a server may
+    # all ask for the demo model on first use. The others wait, then find it built.
+    models_dir.mkdir(parents=True, exist_ok=True)
+    with open(models_dir / ".demo-build.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def make_demo_models(
+    models_dir: Path | None = None,
+    *,
+    force: bool = False,
+    seed: int = 0,
+    progress: Progress | None = None,
+    names: tuple[str, ...] = BUILT_NAMES,
+    steps: int | None = None,
+) -> dict[str, Path]:
+    """Build the demo models under ``models_dir`` (default: the settings' models folder).
+
+    Folders already built by the current recipe are kept unless ``force``. ``steps`` overrides
+    the training budget (tests use a small one). Returns ``{name: folder}`` for ``names``.
+    """
+    models_dir = Path(models_dir or get_settings().models_dir)
+    wanted = [canonical_name(n) for n in names]
+    for name in wanted:
+        if name not in SPECS:
+            raise BackpropError(
+                ErrorCode.STATE_NOT_FOUND,
+                f"No demo model named {name!r}; the demo models are {', '.join(DEMO_NAMES)}.",
+            )
+    out: dict[str, Path] = {}
+    with _build_lock(models_dir):
+        _remove_stale_partials(models_dir)
+        tokenizer = None
+        for name in wanted:
+            target = models_dir / name
+            out[name] = target
+            if is_built(target) and not force:
+                continue
+            if tokenizer is None:
+                tokenizer = build_tokenizer()
+            partial = models_dir / f".{name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            try:
+                _build_one(name, SPECS[name], tokenizer, partial, seed=seed, steps=steps, progress=progress)
+                _replace_dir(partial, target)
+            finally:
+                shutil.rmtree(partial, ignore_errors=True)
+    return out
+
+
+def _remove_stale_partials(models_dir: Path) -> None:
+    # Called under the lock: any partial folder left now belongs to a builder that died.
+    for leftover in models_dir.glob(".demo-*.partial-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    for leftover in models_dir.glob(".demo-*.old-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    """Put ``new`` at ``target`` with renames, so readers never see a half-written folder."""
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
+        os.rename(target, old)
+    os.rename(new, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- corpus
+
+
+def corpus_documents() -> tuple[list[str], list[list[dict[str, str]]]]:
+    """The bundled corpus: plain-text documents and chat conversations.
+
+    ``dialogues.txt`` holds blank-line separated blocks of ``User:``/``Assistant:`` lines; the
+    other files hold blank-line separated paragraphs.
+    """
+    texts: list[str] = []
+    chats: list[list[dict[str, str]]] = []
+    for path in sorted(CORPUS_DIR.glob("*.txt")):
+        blocks = [b.strip() for b in path.read_text(encoding="utf-8").split("\n\n") if b.strip()]
+        if path.stem == "dialogues":
+            for block in blocks:
+                chats.append(_parse_dialogue(block, path))
+        else:
+            texts.extend(blocks)
+    return texts, chats
+
+
+def _parse_dialogue(block: str, path: Path) -> list[dict[str, str]]:
+    roles = {"System": "system", "User": "user", "Assistant": "assistant"}
+    messages = []
+    for line in block.splitlines():
+        speaker, sep, content = line.partition(": ")
+        if not sep or speaker not in roles:
+            raise BackpropError(
+                ErrorCode.DATASET_PARSE_FAILED,
+                f"{path}: dialogue line {line!r} does not start with 'User: ', 'Assistant: ' or 'System: '.",
+            )
+        messages.append({"role": roles[speaker], "content": content})
+    return messages
+
+
+def build_tokenizer() -> Any:
+    """The demo tokenizer, trained on the corpus (deterministic: BPE training has no randomness)."""
+    from backpropagate.models.tokenizer import train_tokenizer, wrap_tokenizer
+
+    texts, chats = corpus_documents()
+    chat_text = ["\n".join(m["content"] for m in chat) for chat in chats]
+    return wrap_tokenizer(train_tokenizer(texts + chat_text))
+
+
+def corpus_token_stream(tokenizer: Any) -> list[int]:
+    """Every corpus document as token ids, each ended by an end token, in file order."""
+    texts, chats = corpus_documents()
+    ids: list[int] = []
+    eot = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    for text in texts:
+        ids.extend(tokenizer.encode(text))
+        ids.append(eot)
+    for chat in chats:
+        ids.extend(tokenizer.apply_chat_template(chat, tokenize=True, return_dict=True)["input_ids"])
+        ids.append(eot)
+    return ids
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def model_config(spec: DemoSpec, tokenizer: Any) -> Any:
+    """A transformers config for ``spec`` whose vocabulary is exactly the tokenizer's."""
+    from transformers import LlamaConfig, Qwen2Config
+
+    common = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_layers,
+        num_attention_heads=spec.num_heads,
+        num_key_value_heads=spec.num_kv_heads,
+        max_position_embeddings=2048,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        rope_theta=10000.0,
+    )
+    if spec.architecture == "llama":
+        return LlamaConfig(**common)
+    return Qwen2Config(**common, use_sliding_window=False)
+
+
+def _build_one(
+    name: str,
+    spec: DemoSpec,
+    tokenizer: Any,
+    folder: Path,
+    *,
+    seed: int,
+    steps: int | None,
+    progress: Progress | None,
+) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    started = time.monotonic()
+    total = spec.steps if steps is None else steps
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(model_config(spec, tokenizer), dtype=torch.float32)
+    stream = torch.tensor(corpus_token_stream(tokenizer), dtype=torch.long)
+    losses = train_on_stream(model, stream, spec, steps=total, seed=seed, progress=progress, name=name)
+
+    folder.mkdir(parents=True)
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        max_new_tokens=64,
+    )
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    info = {
+        "name": name,
+        "recipe_version": RECIPE_VERSION,
+        "seed": seed,
+        "steps": total,
+        "spec": asdict(spec),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "loss_first": losses[0] if losses else None,
+        "loss_last": losses[-1] if losses else None,
+        "build_seconds": round(time.monotonic() - started, 2),
+    }
+    # The marker is written last and the folder renamed into place after: a folder with a
+    # marker is complete.
+    (folder / MARKER).write_text(json.dumps(info, indent=2) + "\n")
+    for path in folder.iterdir():
+        with open(path, "rb") as handle:
+            os.fsync(handle.fileno())
+
+
+def train_on_stream(
+    model: Any,
+    stream: Any,
+    spec: DemoSpec,
+    *,
+    steps: int,
+    seed: int,
+    progress: Progress | None = None,
+    name: str = "",
+) -> list[float]:
+    """A short pre-training run on random windows of ``stream``; returns the loss per step."""
+    import math
+
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=spec.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    warmup = max(1, steps // 10)
+
+    def lr_at(step: int) -> float:
+        # Linear warm-up, then cosine down to a tenth: the usual shape, short.
+        if step < warmup:
+            return spec.lr * (step + 1) / warmup
+        t = (step - warmup) / max(1, steps - warmup)
+        return spec.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
+
+    model.train()
+    losses = []
+    for step in range(steps):
+        batch = sample_windows(stream, spec.batch_size, spec.seq_len, generator)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step)
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(round(loss.item(), 4))
+        if progress is not None:
+            progress(name, step + 1, steps)
+    model.eval()
+    return losses
+
+
+def sample_windows(stream: Any, batch_size: int, seq_len: int, generator: Any) -> Any:
+    """``batch_size`` random windows of ``seq_len`` tokens from a 1-D token tensor."""
+    import torch
+
+    starts = torch.randint(0, len(stream) - seq_len, (batch_size,), generator=generator)
+    return torch.stack([stream[s : s + seq_len] for s in starts.tolist()])
