@@ -1,0 +1,80 @@
+"""Sandboxed file paths: every path from a request must resolve inside an allowed base folder.
+
+``safe_path`` guards reads and writes of user-named files; ``check_output_dir`` refuses system
+and credential folders as training or export destinations.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from backpropagate.errors import BackpropError, ErrorCode
+
+# Folders no run may write into: the system's own files, and where credentials live.
+_SYSTEM_DIRS = (
+    "/etc", "/usr", "/bin", "/sbin", "/boot", "/dev", "/proc", "/sys", "/var",
+    "/lib", "/lib32", "/lib64", "/run",
+)  # fmt: skip
+_HOME_CREDENTIAL_DIRS = (
+    ".ssh", ".aws", ".gnupg", ".config", ".cache/huggingface", ".docker", ".kube",
+    ".azure", ".netrc", ".git-credentials", ".huggingface",
+)  # fmt: skip
+
+
+def _resolve(path: str | Path) -> Path:
+    text = str(path)
+    if "\x00" in text:
+        raise BackpropError(ErrorCode.INPUT_PATH_TRAVERSAL, f"The path {text!r} contains a NUL byte.")
+    # resolve() follows every symlink that exists, so a link pointing outside is caught.
+    return Path(text).expanduser().resolve()
+
+
+def safe_path(user_path: str | Path, *bases: Path) -> Path:
+    """Resolve ``user_path`` (relative ones against the first base) and require it inside a base."""
+    if not bases:
+        raise ValueError("safe_path needs at least one base folder")
+    candidate = Path(str(user_path))
+    if not candidate.is_absolute() and not str(user_path).startswith("~"):
+        candidate = Path(bases[0]) / candidate
+    resolved = _resolve(candidate)
+    roots = [Path(b).expanduser().resolve() for b in bases]
+    if any(resolved == root or resolved.is_relative_to(root) for root in roots):
+        return resolved
+    allowed = ", ".join(str(r) for r in roots)
+    raise BackpropError(
+        ErrorCode.INPUT_PATH_TRAVERSAL,
+        f"The path {str(user_path)!r} resolves to {resolved}, outside the allowed folders ({allowed}).",
+        hint=f"Use a path inside {allowed}.",
+    )
+
+
+def _temp_roots() -> list[Path]:
+    # Temporary folders may sit under /var (macOS, /var/tmp); they are fine to write to.
+    return [Path(tempfile.gettempdir()).resolve(), Path("/var/tmp").resolve()]
+
+
+def forbidden_output_roots(home: Path | None = None) -> list[Path]:
+    """The folders ``check_output_dir`` refuses (and everything below them)."""
+    home = (home or Path.home()).expanduser()
+    roots = [Path(p) for p in _SYSTEM_DIRS]
+    roots += [home / p for p in _HOME_CREDENTIAL_DIRS]
+    return [r.resolve() for r in roots]
+
+
+def check_output_dir(path: str | Path) -> Path:
+    """Resolve an output folder and refuse ``/``, system folders and credential folders."""
+    resolved = _resolve(path)
+    if resolved == Path(resolved.anchor):
+        raise BackpropError(
+            ErrorCode.UI_OUTPUT_DIR_FORBIDDEN, f"The output folder {str(path)!r} is the file system root."
+        )
+    if any(resolved == t or resolved.is_relative_to(t) for t in _temp_roots()):
+        return resolved
+    for root in forbidden_output_roots():
+        if resolved == root or resolved.is_relative_to(root):
+            raise BackpropError(
+                ErrorCode.UI_OUTPUT_DIR_FORBIDDEN,
+                f"The output folder {str(path)!r} resolves to {resolved}, inside {root}.",
+            )
+    return resolved

@@ -1,0 +1,100 @@
+"""Rate limits per client IP: a generous bucket for all requests, a strict one for failed logins."""
+
+from __future__ import annotations
+
+import time
+from urllib.parse import parse_qs
+
+from backpropagate.errors import ErrorCode
+from backpropagate.server.security.asgi import (
+    GUARDED,
+    ASGIApp,
+    Receive,
+    Scope,
+    Send,
+    client_ip,
+    header,
+    refuse,
+)
+
+LOGIN_PATHS = frozenset({"/login", "/api/auth/login"})
+
+
+class TokenBuckets:
+    """One token bucket per key: ``capacity`` tokens, refilled at ``per_second``."""
+
+    def __init__(self, capacity: float, per_second: float, max_keys: int = 10_000) -> None:
+        self.capacity = capacity
+        self.per_second = per_second
+        self.max_keys = max_keys
+        self._buckets: dict[str, tuple[float, float]] = {}
+
+    def _level(self, key: str, now: float) -> float:
+        tokens, last = self._buckets.get(key, (self.capacity, now))
+        return min(self.capacity, tokens + (now - last) * self.per_second)
+
+    def take(self, key: str, cost: float = 1.0) -> bool:
+        """Spend ``cost`` tokens; False (and nothing spent) when there are not enough."""
+        now = time.monotonic()
+        tokens = self._level(key, now)
+        if tokens < cost:
+            self._buckets[key] = (tokens, now)
+            return False
+        self._buckets[key] = (tokens - cost, now)
+        if len(self._buckets) > self.max_keys:
+            self._prune(now)
+        return True
+
+    def empty(self, key: str) -> bool:
+        return self._level(key, time.monotonic()) < 1.0
+
+    def _prune(self, now: float) -> None:
+        # Full buckets carry no information; dropping them bounds memory under a flood of IPs.
+        full = [k for k in self._buckets if self._level(k, now) >= self.capacity]
+        for key in full:
+            del self._buckets[key]
+
+
+class LoginThrottle:
+    """Counts failed credential checks per IP; an empty bucket blocks further attempts."""
+
+    def __init__(self, failures: int = 5, per_minutes: float = 1.0) -> None:
+        self.buckets = TokenBuckets(failures, failures / (per_minutes * 60.0))
+
+    def record_failure(self, ip: str) -> None:
+        self.buckets.take(ip)
+
+    def blocked(self, ip: str) -> bool:
+        return self.buckets.empty(ip)
+
+
+def carries_credentials(scope: Scope) -> bool:
+    """Whether this request tries to log in (form, JSON login, Basic/Bearer header or ?token=)."""
+    if scope["type"] == "http" and scope.get("method") == "POST" and scope["path"] in LOGIN_PATHS:
+        return True
+    if header(scope, "authorization") is not None:
+        return True
+    return "token" in parse_qs(scope.get("query_string", b"").decode("latin-1"))
+
+
+class RateLimit:
+    """429 AUTH_RATE_LIMITED when an IP sends too much, or keeps trying after failed logins."""
+
+    def __init__(
+        self, app: ASGIApp, throttle: LoginThrottle, capacity: float = 600, per_second: float = 50
+    ) -> None:
+        self.app = app
+        self.throttle = throttle
+        self.requests = TokenBuckets(capacity, per_second)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in GUARDED:
+            return await self.app(scope, receive, send)
+        ip = client_ip(scope)
+        if not self.requests.take(ip):
+            return await refuse(scope, receive, send, ErrorCode.AUTH_RATE_LIMITED)
+        if self.throttle.blocked(ip) and carries_credentials(scope):
+            return await refuse(
+                scope, receive, send, ErrorCode.AUTH_RATE_LIMITED, "Too many failed logins from this address."
+            )
+        await self.app(scope, receive, send)
