@@ -92,14 +92,18 @@ def _percentile(sorted_values: list[int], q: float) -> int:
 
 
 def histogram(lengths: list[int], bins: int = 10) -> list[HistogramBin]:
-    """Equal-width bins from 0 to the longest row (widths rounded up to whole tokens)."""
+    """Equal-width bins (whole tokens) from the shortest row to the longest; counts sum to rows."""
     if not lengths:
         return []
-    width = max(1, math.ceil((max(lengths) + 1) / bins))
-    counts = [0] * bins
+    low, high = min(lengths), max(lengths)
+    bins = min(bins, high - low + 1)
+    width = math.ceil((high - low + 1) / bins)
+    counts = [0] * math.ceil((high - low + 1) / width)
     for n in lengths:
-        counts[min(n // width, bins - 1)] += 1
-    return [HistogramBin(start=i * width, end=(i + 1) * width, count=c) for i, c in enumerate(counts)]
+        counts[(n - low) // width] += 1
+    return [
+        HistogramBin(start=low + i * width, end=low + (i + 1) * width, count=c) for i, c in enumerate(counts)
+    ]
 
 
 def _key(ex: Example) -> str:
