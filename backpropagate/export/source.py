@@ -1,0 +1,112 @@
+"""Find what to export: a run id, a run folder, an adapter folder or a full model folder."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from backpropagate.errors import BackpropError, ErrorCode
+from backpropagate.settings import get_settings
+
+
+@dataclass
+class ExportSource:
+    """The pieces an export needs, resolved from whatever the user named."""
+
+    base_model: str  # local folder or hub id of the base (or of the full model itself)
+    adapter_dir: Path | None  # PEFT adapter folder, None for a full model
+    run_dir: Path | None  # the run folder when the source is a run
+    run_config: dict[str, Any] | None
+
+    @property
+    def name(self) -> str:
+        if self.run_dir is not None:
+            return self.run_dir.name
+        if self.adapter_dir is not None:
+            return self.adapter_dir.name
+        return Path(self.base_model).name
+
+    @property
+    def default_output_root(self) -> Path:
+        if self.run_dir is not None:
+            return self.run_dir / "exports"
+        return get_settings().exports_dir / self.name
+
+
+def _is_adapter(path: Path) -> bool:
+    return (path / "adapter_config.json").is_file()
+
+
+def _is_model(path: Path) -> bool:
+    return (path / "config.json").is_file() and any(path.glob("*.safetensors"))
+
+
+def resolve_source(source: str | Path) -> ExportSource:
+    """Resolve RUN_ID (under BACKPROPAGATE_HOME/runs) or a path; STATE_RUN_NOT_FOUND if neither."""
+    text = str(source)
+    candidates = [Path(text).expanduser()]
+    if "/" not in text and "\\" not in text:
+        candidates.insert(0, get_settings().runs_dir / text)
+    for path in candidates:
+        if not path.is_dir():
+            continue
+        path = path.resolve()
+        config_path = path / "config.json"
+        if (path / "adapter").is_dir() or (config_path.is_file() and "data" in _read_json(config_path)):
+            return _from_run_dir(path)
+        if _is_adapter(path):
+            cfg = _read_json(path / "adapter_config.json")
+            base = cfg.get("base_model_name_or_path")
+            if not base:
+                raise BackpropError(
+                    ErrorCode.STATE_NOT_FOUND,
+                    f"{path / 'adapter_config.json'} does not name base_model_name_or_path",
+                )
+            return ExportSource(base_model=base, adapter_dir=path, run_dir=None, run_config=None)
+        if _is_model(path):
+            return ExportSource(base_model=str(path), adapter_dir=None, run_dir=None, run_config=None)
+    raise BackpropError(
+        ErrorCode.STATE_RUN_NOT_FOUND,
+        f"{text!r} is neither a run id under {get_settings().runs_dir} nor a run, adapter or model folder",
+    )
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise BackpropError(ErrorCode.STATE_NOT_FOUND, f"cannot read {path}: {exc}") from exc
+
+
+def _from_run_dir(run_dir: Path) -> ExportSource:
+    config_path = run_dir / "config.json"
+    if not config_path.is_file():
+        raise BackpropError(ErrorCode.STATE_RUN_NOT_FOUND, f"{config_path} is missing: not a run folder")
+    config = _read_json(config_path)
+    base = _resolve_base(str(config.get("model", "")))
+    adapter = run_dir / "adapter"
+    if _is_adapter(adapter):
+        return ExportSource(base_model=base, adapter_dir=adapter, run_dir=run_dir, run_config=config)
+    # Full fine-tuning leaves a whole model instead of an adapter.
+    for folder in (run_dir / "model", adapter):
+        if _is_model(folder):
+            return ExportSource(base_model=str(folder), adapter_dir=None, run_dir=run_dir, run_config=config)
+    raise BackpropError(
+        ErrorCode.STATE_RUN_NOT_FOUND,
+        f"run {run_dir.name} has no trained weights yet ({adapter} is missing or empty); "
+        "wait for it to finish or export a checkpoint folder",
+    )
+
+
+def _resolve_base(model: str) -> str:
+    """Turn the run's `model` (demo names, folders, hub ids) into something from_pretrained takes."""
+    if model.startswith("demo"):
+        try:
+            from backpropagate.models.demo import resolve_model
+
+            return str(resolve_model(model))
+        except ImportError:
+            pass
+    return model
