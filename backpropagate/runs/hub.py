@@ -1,0 +1,268 @@
+"""The event hub: tails each live run's ``events.jsonl``, updates the store, fans events out.
+
+One asyncio task per live run reads the log incrementally (a ``stat`` per poll, reads in a worker
+thread), folds new events into the store, then offers them to subscribers through bounded
+queues. A subscriber that falls behind is dropped from the live fan-out and catches up from the
+log file, so no subscriber can slow the worker, the hub or another subscriber.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from backpropagate.events import FINAL_TYPES, EventBase, parse_event, read_events
+from backpropagate.logs import get_logger
+from backpropagate.runs.store import Run, Store
+
+log = get_logger(__name__)
+
+POLL_S = 0.02  # how often an idle tail looks at the log's size
+READ_CHUNK = 1 << 20  # at most this much is read per poll, so one burst cannot hog a thread
+QUEUE_SIZE = 2048  # per-subscriber backlog before it is dropped to catch up from the file
+HEARTBEAT_S = 15.0
+
+# Markers placed in a subscriber's queue next to events.
+DROPPED = "dropped"  # the subscriber fell behind: catch up from the log
+ENDED = "ended"  # the run's tail finished (the worker is gone and the log drained)
+
+
+@dataclass(eq=False)
+class Subscription:
+    queue: asyncio.Queue[Any] = field(default_factory=lambda: asyncio.Queue(QUEUE_SIZE))
+    run_id: str | None = None  # None: every run's status changes
+
+    def offer(self, item: Any) -> bool:
+        """Queue ``item``; on overflow empty the queue and leave DROPPED so the reader catches up."""
+        try:
+            self.queue.put_nowait(item)
+            return True
+        except asyncio.QueueFull:
+            while not self.queue.empty():
+                self.queue.get_nowait()
+            self.queue.put_nowait(DROPPED)
+            return False
+
+
+class LogTail:
+    """Incremental reader of one ``events.jsonl``: complete lines only, from a byte offset."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.offset = 0
+        self._partial = b""
+
+    def size(self) -> int:
+        try:
+            return os.stat(self.path).st_size
+        except FileNotFoundError:
+            return 0
+
+    def read(self) -> list[EventBase]:
+        try:
+            with self.path.open("rb") as fh:
+                fh.seek(self.offset)
+                data = fh.read(READ_CHUNK)
+        except FileNotFoundError:
+            return []
+        self.offset += len(data)
+        data = self._partial + data
+        lines = data.split(b"\n")
+        self._partial = lines.pop()  # b"" after a complete line; else a line still being written
+        return [parse_event(line) for line in lines if line.strip()]
+
+
+OnEnd = Callable[[str, Run | None, bool], Awaitable[None]]
+
+
+class EventHub:
+    """Tail tasks for live runs and the subscribers of their events."""
+
+    def __init__(self, store: Store, runs_dir: Path) -> None:
+        self.store = store
+        self.runs_dir = runs_dir
+        self._tails: dict[str, asyncio.Task[None]] = {}
+        self._subs: dict[str, set[Subscription]] = {}
+        self._status_subs: set[Subscription] = set()
+        self.published = 0  # events fanned out since start (for the benchmark)
+
+    def log_path(self, run_id: str) -> Path:
+        return self.runs_dir / run_id / "events.jsonl"
+
+    def is_live(self, run_id: str) -> bool:
+        task = self._tails.get(run_id)
+        return task is not None and not task.done()
+
+    # Tailing ------------------------------------------------------------------
+    def watch(self, run_id: str, alive: Callable[[], bool], on_end: OnEnd) -> None:
+        """Start tailing ``run_id`` until ``alive()`` is false and the log is drained."""
+        if self.is_live(run_id):
+            return
+        self._tails[run_id] = asyncio.create_task(self._tail(run_id, alive, on_end), name=f"tail-{run_id}")
+
+    async def _tail(self, run_id: str, alive: Callable[[], bool], on_end: OnEnd) -> None:
+        tail = LogTail(self.log_path(run_id))
+        run = await asyncio.to_thread(self.store.find_run, run_id)
+        last_seq = run.last_seq if run else 0
+        saw_final = False  # a final event after the latest run_started
+        try:
+            while True:
+                exited = not alive()  # checked before reading: anything written before exit is read
+                events: list[EventBase] = []
+                if tail.size() > tail.offset:
+                    events = await asyncio.to_thread(tail.read)
+                if events:
+                    for event in events:
+                        kind = event.type  # type: ignore[attr-defined]
+                        if kind == "run_started":
+                            saw_final = False
+                        elif kind in FINAL_TYPES:
+                            saw_final = True
+                    fresh = [e for e in events if e.seq > last_seq]
+                    if fresh:
+                        before = run.status if run else None
+                        run = await asyncio.to_thread(self.store.apply_events, run_id, fresh)
+                        last_seq = run.last_seq
+                        for event in fresh:
+                            self._publish(run_id, event)
+                        if run.status != before or any(e.type == "step" for e in fresh):  # type: ignore[attr-defined]
+                            self.publish_status(run)
+                    continue  # read again at once: more may be waiting
+                if exited:
+                    break
+                await asyncio.sleep(POLL_S)
+        except asyncio.CancelledError:
+            # Server shutdown: the worker keeps running and the next server re-attaches to it.
+            self._tails.pop(run_id, None)
+            raise
+        except Exception:
+            log.exception("tail of run %s failed", run_id)
+        self._tails.pop(run_id, None)
+        for sub in list(self._subs.get(run_id, ())):
+            sub.offer(ENDED)
+        await on_end(run_id, run, saw_final)
+
+    async def stop_all(self) -> None:
+        tasks = list(self._tails.values())
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+    # Fan-out ------------------------------------------------------------------
+    def _publish(self, run_id: str, event: EventBase) -> None:
+        subs = self._subs.get(run_id)
+        if not subs:
+            return
+        for sub in list(subs):
+            if not sub.offer(event):
+                subs.discard(sub)  # fell behind; it re-subscribes after catching up from the file
+        self.published += 1
+
+    def publish_status(self, run: Run) -> None:
+        message = run_status_message(run)
+        for sub in list(self._status_subs):
+            if not sub.offer(message):
+                self._status_subs.discard(sub)
+
+    def publish_deleted(self, run_id: str) -> None:
+        for sub in list(self._status_subs):
+            sub.offer({"type": "run_deleted", "run_id": run_id, "ts": time.time()})
+
+    def subscribe(self, run_id: str | None) -> Subscription:
+        sub = Subscription(run_id=run_id)
+        if run_id is None:
+            self._status_subs.add(sub)
+        else:
+            self._subs.setdefault(run_id, set()).add(sub)
+        return sub
+
+    def unsubscribe(self, sub: Subscription) -> None:
+        if sub.run_id is None:
+            self._status_subs.discard(sub)
+        else:
+            subs = self._subs.get(sub.run_id)
+            if subs is not None:
+                subs.discard(sub)
+                if not subs:
+                    self._subs.pop(sub.run_id, None)
+
+    # Streams ------------------------------------------------------------------
+    async def stream(
+        self, run_id: str, after: int = 0, heartbeat_s: float = HEARTBEAT_S
+    ) -> AsyncIterator[EventBase | None]:
+        """Events of ``run_id`` with seq > ``after``: history, then live; ``None`` is a heartbeat.
+
+        Ends after a final event once the run is no longer live, or when its tail ends.
+        """
+        last = after
+        path = self.log_path(run_id)
+        while True:
+            sub = self.subscribe(run_id)  # before reading history, so nothing falls in between
+            try:
+                history = await asyncio.to_thread(_read_after, path, last)
+                for event in history:
+                    yield event
+                    last = event.seq
+                ended_final = bool(history) and history[-1].type in FINAL_TYPES  # type: ignore[attr-defined]
+                if not self.is_live(run_id) and (ended_final or not await self._may_start(run_id)):
+                    return
+                resync = False
+                while not resync:
+                    try:
+                        item = await asyncio.wait_for(sub.queue.get(), heartbeat_s)
+                    except TimeoutError:
+                        yield None
+                        continue
+                    if isinstance(item, str) and item == DROPPED:
+                        resync = True
+                    elif isinstance(item, str):  # ENDED
+                        for event in await asyncio.to_thread(_read_after, path, last):
+                            yield event
+                            last = event.seq
+                        if not await self._may_start(run_id):
+                            return
+                        resync = True  # resumed meanwhile: follow the new worker
+                    elif item.seq <= last:
+                        continue
+                    elif item.seq != last + 1:
+                        resync = True  # a gap: the file has what we missed
+                    else:
+                        yield item
+                        last = item.seq
+                        if item.type in FINAL_TYPES:  # type: ignore[attr-defined]
+                            return
+            finally:
+                self.unsubscribe(sub)
+
+    async def _may_start(self, run_id: str) -> bool:
+        """True while the run is queued or running: a stream should wait for its events."""
+        if self.is_live(run_id):
+            return True
+        run = await asyncio.to_thread(self.store.find_run, run_id)
+        return run is not None and run.status == "queued"
+
+
+def _read_after(path: Path, after: int) -> list[EventBase]:
+    return list(read_events(path, after))
+
+
+def run_status_message(run: Run) -> dict[str, Any]:
+    """What /api/events sends when a run changes."""
+    return {
+        "type": "run_status",
+        "run_id": run.id,
+        "status": run.status,
+        "step": run.step,
+        "total_steps": run.total_steps,
+        "loss": run.loss,
+        "error_code": run.error_code,
+        "ts": time.time(),
+    }

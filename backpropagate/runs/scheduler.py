@@ -1,0 +1,263 @@
+"""The scheduler: a FIFO queue of runs, GPU/CPU slots, and the worker processes it starts.
+
+A run starts when the head of the queue fits: GPU runs take the indices they need from the free
+set (``CUDA_VISIBLE_DEVICES``), CPU runs share ``max_concurrent_runs`` slots. Workers run in
+their own process group and outlive the server; a restarted server re-attaches to live ones
+(checked through ``/proc/<pid>/cmdline``) and marks the others ``interrupted``. No run is left
+``running`` without a process behind it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from backpropagate.errors import BackpropError, ErrorCode
+from backpropagate.events import Cancelled, EventLog
+from backpropagate.logs import get_logger
+from backpropagate.runs.hub import EventHub
+from backpropagate.runs.store import ACTIVE_STATUSES, RESUMABLE_STATUSES, Run, Store
+
+log = get_logger(__name__)
+
+WORKER_MODULE = "backpropagate.worker"
+STOP_GRACE_S = 60.0  # SIGTERM lets the worker finish its step and checkpoint; then SIGKILL
+
+
+def worker_command() -> list[str]:
+    return [sys.executable, "-m", WORKER_MODULE]
+
+
+def is_our_worker(pid: int, run_dir: Path) -> bool:
+    """True when ``pid`` is alive and is a worker for ``run_dir`` (not a recycled pid)."""
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    args = raw.decode(errors="replace").split("\0")
+    return WORKER_MODULE in args and str(run_dir) in args
+
+
+@dataclass
+class Worker:
+    run_id: str
+    pid: int
+    gpus: list[int]
+    proc: subprocess.Popen[bytes] | None = None  # None for a worker re-attached after a restart
+    kill_task: asyncio.Task[None] | None = field(default=None, repr=False)
+
+    def alive(self, run_dir: Path) -> bool:
+        if self.proc is not None:
+            return self.proc.poll() is None
+        return is_our_worker(self.pid, run_dir)
+
+    @property
+    def exit_code(self) -> int | None:
+        return self.proc.returncode if self.proc is not None else None
+
+
+class Scheduler:
+    def __init__(
+        self,
+        store: Store,
+        hub: EventHub,
+        runs_dir: Path,
+        *,
+        gpu_indices: list[int] | None = None,
+        max_cpu_runs: int = 1,
+        command: list[str] | None = None,
+        stop_grace_s: float = STOP_GRACE_S,
+    ) -> None:
+        self.store = store
+        self.hub = hub
+        self.runs_dir = runs_dir
+        self.gpu_indices = list(gpu_indices or [])
+        self.max_cpu_runs = max_cpu_runs
+        self.command = command or worker_command()
+        self.stop_grace_s = stop_grace_s
+        self.queue: deque[str] = deque()
+        self.workers: dict[str, Worker] = {}
+        self._lock = asyncio.Lock()
+
+    def run_dir(self, run_id: str) -> Path:
+        return self.runs_dir / run_id
+
+    # Resources ----------------------------------------------------------------
+    def gpus_needed(self, config: dict) -> int:
+        """GPUs a run takes: 0 for CPU runs (or on a machine without GPUs when device is auto)."""
+        if config.get("device") == "cpu" or not self.gpu_indices:
+            return 0
+        return int(config.get("gpus", 1))
+
+    def check_fits(self, config: dict) -> None:
+        """Refuse at submission what could never start on this machine."""
+        if config.get("device") == "cuda" and not self.gpu_indices:
+            raise BackpropError(ErrorCode.DEP_GPU_NOT_AVAILABLE, "device='cuda' but this server sees no GPU.")
+        if self.gpus_needed(config) > len(self.gpu_indices):
+            raise BackpropError(
+                ErrorCode.CONFIG_INVALID_SETTING,
+                f"gpus={config.get('gpus')} but this server has {len(self.gpu_indices)} GPU(s).",
+            )
+
+    def _free_gpus(self) -> list[int]:
+        used = {i for w in self.workers.values() for i in w.gpus}
+        return [i for i in self.gpu_indices if i not in used]
+
+    def _cpu_runs(self) -> int:
+        return sum(1 for w in self.workers.values() if not w.gpus)
+
+    # Queue ------------------------------------------------------------------------
+    async def enqueue(self, run_id: str) -> None:
+        if run_id not in self.queue:
+            self.queue.append(run_id)
+        await self.schedule()
+
+    async def schedule(self) -> None:
+        """Start queued runs in order while the head of the queue fits (strict FIFO: no overtaking)."""
+        async with self._lock:
+            while self.queue:
+                run = await asyncio.to_thread(self.store.find_run, self.queue[0])
+                if run is None or run.status != "queued":
+                    self.queue.popleft()
+                    continue
+                need = self.gpus_needed(run.config)
+                free = self._free_gpus()
+                if need > len(free) or (need == 0 and self._cpu_runs() >= self.max_cpu_runs):
+                    return
+                self.queue.popleft()
+                await self._spawn(run, free[:need])
+
+    async def _spawn(self, run: Run, gpus: list[int]) -> None:
+        run_dir = self.run_dir(run.id)
+        env = dict(os.environ)  # fault-injection and engine variables pass through
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in gpus)
+        env["PYTHONUNBUFFERED"] = "1"
+        with (run_dir / "worker.log").open("ab") as out:  # catches output before the worker redirects
+            proc = subprocess.Popen(
+                [*self.command, str(run_dir)],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=out,
+                env=env,
+                cwd=run_dir,
+                start_new_session=True,  # own process group: a signal to the server does not hit it
+            )
+        worker = Worker(run.id, proc.pid, gpus, proc)
+        self.workers[run.id] = worker
+        updated = await asyncio.to_thread(
+            self.store.update_run, run.id, status="running", pid=proc.pid, gpus=gpus, exit_code=None
+        )
+        self.hub.publish_status(updated)
+        log.info("started run %s (pid %d, gpus %s)", run.id, proc.pid, gpus or "cpu")
+        self.hub.watch(run.id, lambda: worker.alive(run_dir), self._on_end)
+
+    async def _on_end(self, run_id: str, run: Run | None, saw_final: bool) -> None:
+        """The worker is gone and its log drained: free its slot and settle its status."""
+        worker = self.workers.pop(run_id, None)
+        if worker is not None and worker.kill_task is not None:
+            worker.kill_task.cancel()
+        run = await asyncio.to_thread(self.store.find_run, run_id)
+        if run is not None and not saw_final and run.status in ("running", "paused"):
+            code = worker.exit_code if worker else None
+            how = f"with code {code}" if code is not None else "(exit code unknown: not our child)"
+            pid = worker.pid if worker else run.pid
+            run = await asyncio.to_thread(
+                self.store.update_run,
+                run_id,
+                status="interrupted",
+                exit_code=code,
+                error_code=str(ErrorCode.RUNTIME_WORKER_CRASHED),
+                error_message=f"The worker (pid {pid}) exited {how} without a final event; "
+                "resume to continue from the last checkpoint.",
+                ended_at=_now(),
+            )
+            log.warning("run %s interrupted: worker exited %s", run_id, how)
+        elif run is not None and worker is not None and worker.exit_code is not None:
+            run = await asyncio.to_thread(self.store.update_run, run_id, exit_code=worker.exit_code)
+        if run is not None:
+            self.hub.publish_status(run)
+        await self.schedule()
+
+    # Control ------------------------------------------------------------------
+    async def stop(self, run_id: str) -> Run:
+        run = await asyncio.to_thread(self.store.get_run, run_id)
+        if run.status == "queued" and run_id not in self.workers:
+            with contextlib.suppress(ValueError):
+                self.queue.remove(run_id)
+            # No worker writes this log now, so the server may record the end itself.
+            await asyncio.to_thread(_append_cancelled, self.run_dir(run_id), run_id)
+            run = await asyncio.to_thread(self.store.update_run, run_id, status="cancelled", ended_at=_now())
+            self.hub.publish_status(run)
+            return run
+        worker = self.workers.get(run_id)
+        if worker is None:
+            return run  # already ended: stopping is idempotent
+        _signal_group(worker.pid, signal.SIGTERM)
+        if worker.kill_task is None:
+            worker.kill_task = asyncio.create_task(self._kill_later(worker))
+        return run
+
+    async def _kill_later(self, worker: Worker) -> None:
+        await asyncio.sleep(self.stop_grace_s)
+        if worker.alive(self.run_dir(worker.run_id)):
+            log.warning("run %s did not stop in %.0f s: killing it", worker.run_id, self.stop_grace_s)
+            _signal_group(worker.pid, signal.SIGKILL)
+
+    async def resume(self, run_id: str) -> Run:
+        run = await asyncio.to_thread(self.store.get_run, run_id)
+        if run.status not in RESUMABLE_STATUSES or run_id in self.workers:
+            raise BackpropError(
+                ErrorCode.STATE_RUN_NOT_RESUMABLE,
+                f"Run {run_id} is {run.status}; only {', '.join(sorted(RESUMABLE_STATUSES))} runs resume.",
+            )
+        run = await asyncio.to_thread(
+            self.store.update_run, run_id, status="queued", error_code=None, error_message=None
+        )
+        self.hub.publish_status(run)
+        await self.enqueue(run_id)
+        return await asyncio.to_thread(self.store.get_run, run_id)
+
+    def is_active(self, run: Run) -> bool:
+        return run.id in self.workers or run.status in ACTIVE_STATUSES
+
+    # Restart ------------------------------------------------------------------
+    async def recover(self) -> None:
+        """On server start: re-attach live workers, settle dead ones, re-queue queued runs."""
+        runs = await asyncio.to_thread(self.store.list_runs, ["queued", "running", "paused"], 100000)
+        for run in sorted(runs, key=lambda r: r.created_at):
+            run_dir = self.run_dir(run.id)
+            if run.status == "queued":
+                self.queue.append(run.id)
+            elif run.pid and is_our_worker(run.pid, run_dir):
+                worker = Worker(run.id, run.pid, list(run.gpus or []))
+                self.workers[run.id] = worker
+                log.info("re-attached run %s (pid %d)", run.id, run.pid)
+                self.hub.watch(run.id, lambda w=worker, d=run_dir: w.alive(d), self._on_end)
+            else:
+                # Drain its log (it may have finished while the server was down), then settle.
+                self.workers[run.id] = Worker(run.id, run.pid or 0, list(run.gpus or []))
+                self.hub.watch(run.id, lambda: False, self._on_end)
+        await self.schedule()
+
+
+def _append_cancelled(run_dir: Path, run_id: str) -> None:
+    with EventLog(run_dir / "events.jsonl", run_id) as events:
+        events.append(Cancelled())
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, sig)  # the worker leads its own group: its children get the signal too
+
+
+def _now() -> float:
+    import time
+
+    return time.time()

@@ -1,0 +1,333 @@
+"""The run store: SQLModel tables for runs, checkpoints, exports and uploaded data sets.
+
+SQLite (WAL) under BACKPROPAGATE_HOME by default, any SQLAlchemy URL through BACKPROPAGATE_DB_URL.
+It is a cache of the event logs: ``reindex`` rebuilds runs and checkpoints from ``runs/<id>/``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import event as sa_event
+from sqlalchemy import text
+from sqlmodel import JSON, Column, Field, Session, SQLModel, create_engine, select
+
+from backpropagate.errors import BackpropError, ErrorCode
+from backpropagate.events import FINAL_TYPES, EventBase, read_events
+
+ACTIVE_STATUSES = frozenset({"queued", "running", "paused"})
+RESUMABLE_STATUSES = frozenset({"cancelled", "failed", "interrupted"})
+SCHEMA_VERSION = 1
+
+
+class Run(SQLModel, table=True):
+    __tablename__ = "runs"
+
+    id: str = Field(primary_key=True)
+    name: str | None = None
+    config: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON))
+    status: str = Field(default="queued", index=True)
+    created_at: float = Field(default_factory=time.time)
+    started_at: float | None = None
+    ended_at: float | None = None
+    pid: int | None = None
+    gpus: list[int] = Field(default_factory=list, sa_column=Column(JSON))
+    exit_code: int | None = None
+    error_code: str | None = None
+    error_message: str | None = None
+    final_metrics: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON))
+    last_seq: int = 0
+    step: int = 0
+    total_steps: int | None = None
+    loss: float | None = None
+    tokens_per_s: float | None = None
+
+
+class CheckpointRow(SQLModel, table=True):
+    __tablename__ = "checkpoints"
+
+    id: int | None = Field(default=None, primary_key=True)
+    run_id: str = Field(index=True)
+    step: int
+    path: str
+    bytes: int = 0
+    best: bool = False
+    created_at: float = Field(default_factory=time.time)
+
+
+class ExportRow(SQLModel, table=True):
+    __tablename__ = "exports"
+
+    id: int | None = Field(default=None, primary_key=True)
+    run_id: str = Field(index=True)
+    format: str
+    path: str
+    bytes: int = 0
+    created_at: float = Field(default_factory=time.time)
+
+
+class DatasetRow(SQLModel, table=True):
+    __tablename__ = "datasets"
+
+    id: str = Field(primary_key=True)
+    original_name: str
+    stored_path: str
+    size: int
+    format: str
+    rows: int | None = None
+    created_at: float = Field(default_factory=time.time)
+
+
+class SchemaVersion(SQLModel, table=True):
+    __tablename__ = "schema_version"
+
+    version: int = Field(primary_key=True)
+    applied_at: float = Field(default_factory=time.time)
+
+
+# Each migration takes the store from version N-1 to N; each must be safe to run twice.
+MIGRATIONS: dict[int, list[str]] = {1: []}  # version 1 is the tables as declared above
+
+
+def apply_event(run: Run, event: EventBase) -> CheckpointRow | None:
+    """Fold one event into a run row (the one place the log's meaning for the store is defined)."""
+    kind = event.type  # type: ignore[attr-defined]
+    run.last_seq = max(run.last_seq, event.seq)
+    checkpoint = None
+    if kind == "run_started":
+        run.status = "running"
+        run.started_at = event.ts
+        run.ended_at = None
+        run.pid = event.pid  # type: ignore[attr-defined]
+        run.exit_code = run.error_code = run.error_message = None
+        if event.total_steps:  # type: ignore[attr-defined]
+            run.total_steps = event.total_steps  # type: ignore[attr-defined]
+    elif kind == "status":
+        if event.status not in ("queued",):  # type: ignore[attr-defined]
+            run.status = event.status  # type: ignore[attr-defined]
+    elif kind == "step":
+        run.step = event.step  # type: ignore[attr-defined]
+        run.total_steps = event.total_steps  # type: ignore[attr-defined]
+        run.loss = event.loss  # type: ignore[attr-defined]
+        run.tokens_per_s = event.tokens_per_s  # type: ignore[attr-defined]
+    elif kind == "paused":
+        run.status = "paused"
+    elif kind == "resumed":
+        run.status = "running"
+    elif kind == "checkpoint":
+        checkpoint = CheckpointRow(
+            run_id=run.id,
+            step=event.step,  # type: ignore[attr-defined]
+            path=event.path,  # type: ignore[attr-defined]
+            bytes=event.bytes,  # type: ignore[attr-defined]
+            best=event.best,  # type: ignore[attr-defined]
+            created_at=event.ts,
+        )
+    elif kind in FINAL_TYPES:
+        run.status = kind
+        run.ended_at = event.ts
+        if kind == "completed":
+            metrics = dict(event.metrics)  # type: ignore[attr-defined]
+            for key in ("final_loss", "eval_loss", "runtime_s"):
+                if getattr(event, key, None) is not None:
+                    metrics[key] = getattr(event, key)
+            run.final_metrics = metrics
+            run.step = event.step or run.step  # type: ignore[attr-defined]
+        elif kind == "failed":
+            run.error_code = event.code  # type: ignore[attr-defined]
+            run.error_message = event.message  # type: ignore[attr-defined]
+            run.exit_code = event.exit_code  # type: ignore[attr-defined]
+    return checkpoint
+
+
+class Store:
+    """Synchronous access to the tables; the server calls it from worker threads."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        kwargs: dict[str, Any] = {}
+        if url.startswith("sqlite"):
+            path = url.split("///", 1)[-1]
+            if path and path != ":memory:":
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+            kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
+        self.engine = create_engine(url, **kwargs)
+        if url.startswith("sqlite"):
+            sa_event.listen(self.engine, "connect", _sqlite_pragmas)
+        self.migrate()
+
+    # Schema -------------------------------------------------------------------
+    def migrate(self) -> int:
+        SQLModel.metadata.create_all(self.engine)
+        with Session(self.engine) as s:
+            have = {row.version for row in s.exec(select(SchemaVersion))}
+            for version in sorted(MIGRATIONS):
+                if version in have:
+                    continue
+                for statement in MIGRATIONS[version]:
+                    s.exec(text(statement))  # type: ignore[call-overload]
+                s.add(SchemaVersion(version=version))
+                s.commit()
+        return self.schema_version()
+
+    def schema_version(self) -> int:
+        with Session(self.engine) as s:
+            return max((row.version for row in s.exec(select(SchemaVersion))), default=0)
+
+    # Runs ---------------------------------------------------------------------
+    def add_run(self, run: Run) -> Run:
+        with Session(self.engine, expire_on_commit=False) as s:
+            s.add(run)
+            s.commit()
+            return run
+
+    def get_run(self, run_id: str) -> Run:
+        with Session(self.engine, expire_on_commit=False) as s:
+            run = s.get(Run, run_id)
+        if run is None:
+            raise BackpropError(ErrorCode.STATE_RUN_NOT_FOUND, f"No run with id {run_id!r}.")
+        return run
+
+    def find_run(self, run_id: str) -> Run | None:
+        with Session(self.engine, expire_on_commit=False) as s:
+            return s.get(Run, run_id)
+
+    def list_runs(self, status: Iterable[str] | None = None, limit: int = 1000) -> list[Run]:
+        with Session(self.engine, expire_on_commit=False) as s:
+            query = select(Run).order_by(Run.created_at.desc()).limit(limit)  # type: ignore[attr-defined]
+            if status:
+                query = query.where(Run.status.in_(list(status)))  # type: ignore[attr-defined]
+            return list(s.exec(query))
+
+    def update_run(self, run_id: str, **fields: Any) -> Run:
+        with Session(self.engine, expire_on_commit=False) as s:
+            run = s.get(Run, run_id)
+            if run is None:
+                raise BackpropError(ErrorCode.STATE_RUN_NOT_FOUND, f"No run with id {run_id!r}.")
+            for key, value in fields.items():
+                setattr(run, key, value)
+            s.add(run)
+            s.commit()
+            return run
+
+    def apply_events(self, run_id: str, events: list[EventBase]) -> Run:
+        """Fold a batch of new events (seq > last_seq) into the run, in one transaction."""
+        with Session(self.engine, expire_on_commit=False) as s:
+            run = s.get(Run, run_id)
+            if run is None:
+                raise BackpropError(ErrorCode.STATE_RUN_NOT_FOUND, f"No run with id {run_id!r}.")
+            for event in events:
+                if event.seq <= run.last_seq:
+                    continue
+                checkpoint = apply_event(run, event)
+                if checkpoint is not None:
+                    s.add(checkpoint)
+            s.add(run)
+            s.commit()
+            return run
+
+    def delete_run(self, run_id: str) -> None:
+        with Session(self.engine) as s:
+            for table in (CheckpointRow, ExportRow):
+                for row in s.exec(select(table).where(table.run_id == run_id)):
+                    s.delete(row)
+            run = s.get(Run, run_id)
+            if run is not None:
+                s.delete(run)
+            s.commit()
+
+    def checkpoints(self, run_id: str) -> list[CheckpointRow]:
+        with Session(self.engine, expire_on_commit=False) as s:
+            query = select(CheckpointRow).where(CheckpointRow.run_id == run_id).order_by(CheckpointRow.step)
+            return list(s.exec(query))
+
+    # Data sets ----------------------------------------------------------------
+    def add_dataset(self, row: DatasetRow) -> DatasetRow:
+        with Session(self.engine, expire_on_commit=False) as s:
+            s.add(row)
+            s.commit()
+            return row
+
+    def get_dataset(self, dataset_id: str) -> DatasetRow:
+        with Session(self.engine, expire_on_commit=False) as s:
+            row = s.get(DatasetRow, dataset_id)
+        if row is None:
+            raise BackpropError(ErrorCode.DATASET_NOT_FOUND, f"No uploaded data set with id {dataset_id!r}.")
+        return row
+
+    def find_dataset(self, dataset_id: str) -> DatasetRow | None:
+        with Session(self.engine, expire_on_commit=False) as s:
+            return s.get(DatasetRow, dataset_id)
+
+    def list_datasets(self) -> list[DatasetRow]:
+        with Session(self.engine, expire_on_commit=False) as s:
+            return list(s.exec(select(DatasetRow).order_by(DatasetRow.created_at.desc())))  # type: ignore[attr-defined]
+
+    # Rebuilding from disk -------------------------------------------------------
+    def reindex(self, runs_dir: Path) -> int:
+        """Rebuild every run and its checkpoints from ``runs_dir/<id>/``; returns the number of runs."""
+        count = 0
+        for run_dir in sorted(p for p in Path(runs_dir).iterdir() if p.is_dir()):
+            config_path = run_dir / "config.json"
+            if not config_path.exists():
+                continue
+            config = json.loads(config_path.read_text())
+            meta = _read_meta(run_dir)
+            run = Run(
+                id=run_dir.name,
+                name=config.get("name"),
+                config=config,
+                status="queued",
+                created_at=meta.get("created_at") or config_path.stat().st_mtime,
+            )
+            checkpoints: list[CheckpointRow] = []
+            events = list(read_events(run_dir / "events.jsonl"))
+            for event in events:
+                row = apply_event(run, event)
+                if row is not None:
+                    checkpoints.append(row)
+            if run.status in ("running", "paused"):
+                # No process is consulted here: the scheduler re-attaches live workers on start.
+                run.status = "interrupted"
+                run.error_code = str(ErrorCode.RUNTIME_WORKER_CRASHED)
+                run.error_message = "The event log ends without a final event."
+            with Session(self.engine) as s:
+                for table in (CheckpointRow,):
+                    for old in s.exec(select(table).where(table.run_id == run.id)):
+                        s.delete(old)
+                existing = s.get(Run, run.id)
+                if existing is not None:
+                    s.delete(existing)
+                    s.flush()
+                s.add(run)
+                for row in checkpoints:
+                    s.add(row)
+                s.commit()
+            count += 1
+        return count
+
+
+def _read_meta(run_dir: Path) -> dict[str, Any]:
+    try:
+        return json.loads((run_dir / "run.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.close()
+
+
+def open_store(url: str | None = None) -> Store:
+    """The store at ``url`` (default: the settings' database URL)."""
+    from backpropagate.settings import get_settings
+
+    return Store(url or get_settings().database_url)

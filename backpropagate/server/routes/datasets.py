@@ -1,0 +1,170 @@
+"""/api/datasets: upload training data (allowed types, size limit, generated names), list, check, preview."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import json
+import secrets
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, Query, Request, UploadFile
+from pydantic import BaseModel
+
+from backpropagate.errors import BackpropError, ErrorCode
+from backpropagate.runs.store import DatasetRow
+from backpropagate.server.routes.deps import ServiceDep, SettingsDep
+
+router = APIRouter(tags=["datasets"])
+
+ALLOWED_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
+CHUNK = 1 << 20
+
+
+class DatasetPublic(BaseModel):
+    id: str
+    original_name: str
+    size: int
+    format: str
+    rows: int | None
+    created_at: float
+
+
+class PreviewPublic(BaseModel):
+    id: str
+    rows: list[Any]
+
+
+def _suffix(filename: str) -> str:
+    name = filename.lower()
+    return next((s for s in ALLOWED_SUFFIXES if name.endswith(s)), "")
+
+
+def count_rows(path: Path, fmt: str) -> int | None:
+    """Rows in a stored upload (None when the file cannot be read as its type)."""
+    try:
+        if fmt in ("jsonl", "txt"):
+            with path.open("rb") as fh:
+                return sum(1 for line in fh if line.strip())
+        if fmt == "csv":
+            with path.open(newline="", errors="replace") as fh:
+                return max(sum(1 for _ in csv.reader(fh)) - 1, 0)
+        if fmt == "json":
+            data = json.loads(path.read_text())
+            return len(data) if isinstance(data, list) else 1
+        if fmt == "parquet":
+            import pyarrow.parquet as pq
+
+            return pq.ParquetFile(path).metadata.num_rows
+    except Exception:
+        return None
+    return None
+
+
+def preview_rows(path: Path, fmt: str, n: int) -> list[Any]:
+    if fmt == "jsonl":
+        out: list[Any] = []
+        with path.open() as fh:
+            for line in fh:
+                if line.strip():
+                    try:
+                        out.append(json.loads(line))
+                    except ValueError:
+                        out.append({"_unparsed": line.rstrip("\n")[:2000]})
+                if len(out) >= n:
+                    break
+        return out
+    if fmt == "txt":
+        with path.open(errors="replace") as fh:
+            return [line.rstrip("\n") for line, _ in zip(fh, range(n), strict=False)]
+    if fmt == "csv":
+        with path.open(newline="", errors="replace") as fh:
+            return [row for row, _ in zip(csv.DictReader(fh), range(n), strict=False)]
+    if fmt == "json":
+        data = json.loads(path.read_text())
+        return data[:n] if isinstance(data, list) else [data]
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        return pq.read_table(path).slice(0, n).to_pylist()
+    return []
+
+
+@router.post("/datasets", status_code=201, response_model=DatasetPublic)
+async def upload_dataset(
+    request: Request, file: UploadFile, service: ServiceDep, settings: SettingsDep
+) -> DatasetPublic:
+    """Store an uploaded file under a generated name; refuse other types and files over the limit."""
+    original = Path(file.filename or "upload").name
+    suffix = _suffix(original)
+    if not suffix:
+        raise BackpropError(
+            ErrorCode.INPUT_UPLOAD_TYPE, f"{original!r} is not a .jsonl, .json, .csv, .parquet or .txt file."
+        )
+    limit = settings.server.max_upload_mb * 1024 * 1024
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit + 64 * 1024:
+        raise BackpropError(
+            ErrorCode.INPUT_UPLOAD_TOO_LARGE,
+            f"{original!r} is {int(declared) / 2**20:.1f} MB; the limit is {settings.server.max_upload_mb} MB.",
+        )
+    dataset_id = "ds-" + secrets.token_hex(6)
+    settings.datasets_dir.mkdir(parents=True, exist_ok=True)
+    target = settings.datasets_dir / f"{dataset_id}{suffix}"
+    size = 0
+    try:
+        with target.open("wb") as out:
+            while chunk := await file.read(CHUNK):
+                size += len(chunk)
+                if size > limit:
+                    raise BackpropError(
+                        ErrorCode.INPUT_UPLOAD_TOO_LARGE,
+                        f"{original!r} is over the limit of {settings.server.max_upload_mb} MB.",
+                    )
+                await asyncio.to_thread(out.write, chunk)
+    except BaseException:
+        target.unlink(missing_ok=True)
+        raise
+    fmt = suffix.lstrip(".")
+    rows = await asyncio.to_thread(count_rows, target, fmt)
+    row = DatasetRow(
+        id=dataset_id, original_name=original, stored_path=str(target), size=size, format=fmt, rows=rows
+    )
+    await asyncio.to_thread(service.store.add_dataset, row)
+    return DatasetPublic.model_validate(row.model_dump())
+
+
+@router.get("/datasets", response_model=list[DatasetPublic])
+async def list_datasets(service: ServiceDep) -> list[DatasetPublic]:
+    rows = await asyncio.to_thread(service.store.list_datasets)
+    return [DatasetPublic.model_validate(r.model_dump()) for r in rows]
+
+
+@router.get("/datasets/{dataset_id}/preview", response_model=PreviewPublic)
+async def preview_dataset(
+    dataset_id: str, service: ServiceDep, rows: int = Query(20, ge=1, le=1000)
+) -> PreviewPublic:
+    row = await asyncio.to_thread(service.store.get_dataset, dataset_id)
+    try:
+        data = await asyncio.to_thread(preview_rows, Path(row.stored_path), row.format, rows)
+    except (ValueError, OSError) as exc:
+        raise BackpropError(ErrorCode.DATASET_PARSE_FAILED, f"{row.original_name}: {exc}") from exc
+    return PreviewPublic(id=dataset_id, rows=data)
+
+
+@router.get("/datasets/{dataset_id}/validate")
+async def validate_dataset(
+    dataset_id: str,
+    service: ServiceDep,
+    model: str = Query("demo", description="Model whose tokenizer and chat template to check with."),
+    max_seq_len: int = Query(1024, ge=16),
+) -> dict[str, Any]:
+    """The data checker's report: format, rows, bad rows, token lengths (runs in a thread)."""
+    row = await asyncio.to_thread(service.store.get_dataset, dataset_id)
+    try:
+        from backpropagate.data import validate_dataset as check
+    except ImportError as exc:
+        raise BackpropError(ErrorCode.DEP_EXTRA_MISSING, f"The data checker is not available: {exc}") from exc
+    report = await asyncio.to_thread(check, Path(row.stored_path), model=model, max_seq_len=max_seq_len)
+    return report.model_dump(mode="json") if hasattr(report, "model_dump") else dict(report)

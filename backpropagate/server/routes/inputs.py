@@ -1,0 +1,70 @@
+"""Where request paths may point: data, models and output folders of a run, checked before it starts.
+
+Allowed bases: data files inside the uploads folder (``datasets_dir``), the repository's
+``examples/`` folder, BACKPROPAGATE_HOME or the user's home folder; local model folders inside
+``models_dir``, BACKPROPAGATE_HOME or the user's home. Output folders may not be system or
+credential folders. Names that are not paths (``demo``, hub ids like ``org/name``) pass unchanged.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from backpropagate.config import RunConfig
+from backpropagate.runs.store import Store
+from backpropagate.server.security.paths import check_output_dir, safe_path
+from backpropagate.settings import Settings
+
+EXAMPLES_DIR = Path(__file__).resolve().parents[3] / "examples"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+_DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
+
+
+def data_bases(settings: Settings) -> list[Path]:
+    return [settings.datasets_dir, EXAMPLES_DIR, settings.home, Path.home()]
+
+
+def model_bases(settings: Settings) -> list[Path]:
+    return [settings.models_dir, settings.home, Path.home()]
+
+
+def _is_path(value: str, base: Path) -> bool:
+    if value.startswith(("/", "~", ".")) or ".." in Path(value).parts or "\\" in value:
+        return True
+    if not _HUB_ID.match(value):
+        return True  # not a valid hub id, so it can only be meant as a path
+    return value.lower().endswith(_DATA_SUFFIXES) or (base / value).exists()
+
+
+def resolve_data(value: str, settings: Settings, store: Store) -> str:
+    """An uploaded data set id becomes its stored file; a path must lie inside an allowed base."""
+    uploaded = store.find_dataset(value)
+    if uploaded is not None:
+        return uploaded.stored_path
+    if _is_path(value, settings.datasets_dir):
+        return str(safe_path(value, *data_bases(settings)))
+    return value  # a hub data set id
+
+
+def resolve_model(value: str, settings: Settings) -> str:
+    from backpropagate.models.demo import DEMO_NAMES
+
+    if value in DEMO_NAMES:
+        return value
+    if _is_path(value, settings.models_dir):
+        return str(safe_path(value, *model_bases(settings)))
+    return value
+
+
+def check_run_inputs(config: RunConfig, settings: Settings, store: Store) -> RunConfig:
+    """The config with every path resolved and checked (raises INPUT_PATH_TRAVERSAL etc.)."""
+    update: dict[str, str] = {
+        "data": resolve_data(config.data, settings, store),
+        "model": resolve_model(config.model, settings),
+    }
+    if config.eval_data:
+        update["eval_data"] = resolve_data(config.eval_data, settings, store)
+    if config.output_dir:
+        update["output_dir"] = str(check_output_dir(config.output_dir))
+    return config.model_copy(update=update)

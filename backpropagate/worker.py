@@ -1,0 +1,136 @@
+"""The training worker: ``python -m backpropagate.worker RUN_DIR``, one process per run.
+
+Reads ``RUN_DIR/config.json``, appends events to ``RUN_DIR/events.jsonl`` and trains through the
+engine (``run_training``). SIGTERM asks the engine to finish the step, checkpoint and emit
+``cancelled`` (exit 0). Anything that escapes the engine becomes a ``failed`` event with a
+catalogued code (exit 1), so the log always says how the run ended unless the process is killed.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import signal
+import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from backpropagate.config import RunConfig
+from backpropagate.errors import BackpropError, ErrorCode
+from backpropagate.events import FINAL_TYPES, Cancelled, Completed, EventBase, EventLog, Failed
+from backpropagate.training.control import RunControl
+
+# "module:function" of an alternative engine with the same contract as run_training.
+ENGINE_ENV = "BACKPROPAGATE_ENGINE"
+DEFAULT_ENGINE = "backpropagate.training:run_training"
+
+
+def load_engine() -> Callable[..., Any]:
+    """The training entry point named by BACKPROPAGATE_ENGINE (default: the built-in engine)."""
+    spec = os.environ.get(ENGINE_ENV) or DEFAULT_ENGINE
+    module_name, _, attr = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+        return getattr(module, attr or "run_training")
+    except (ImportError, AttributeError) as exc:
+        if spec == DEFAULT_ENGINE:  # the engine may live in its recipe module only
+            try:
+                from backpropagate.training.sft import run_training
+
+                return run_training
+            except ImportError:
+                pass
+        raise BackpropError(
+            ErrorCode.RUNTIME_TRAINING_FAILED, f"Cannot load the training engine {spec!r}: {exc}"
+        ) from exc
+
+
+def read_run_id(run_dir: Path) -> str:
+    """The run id: ``run.json``'s ``id`` when present, else the folder's name."""
+    meta = run_dir / "run.json"
+    if meta.exists():
+        try:
+            return str(json.loads(meta.read_text())["id"])
+        except (ValueError, KeyError):
+            pass
+    return run_dir.name
+
+
+def _redirect_output(log_path: Path) -> None:
+    # dup2 on the descriptors, not sys.stdout, so native libraries' output lands there too.
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    sys.stdout = os.fdopen(1, "w", buffering=1, closefd=False)
+    sys.stderr = os.fdopen(2, "w", buffering=1, closefd=False)
+
+
+def _failed_event(exc: BaseException, step: int | None) -> Failed:
+    if isinstance(exc, BackpropError):
+        return Failed(
+            code=str(exc.code), message=exc.message, hint=exc.hint, retryable=exc.retryable, step=step
+        )
+    err = BackpropError(ErrorCode.RUNTIME_TRAINING_FAILED, f"{type(exc).__name__}: {exc}")
+    return Failed(code=str(err.code), message=err.message, hint=err.hint, retryable=err.retryable, step=step)
+
+
+def run_worker(run_dir: Path) -> int:
+    """Train the run in ``run_dir`` to its end; returns the process exit code."""
+    run_dir = Path(run_dir).resolve()
+    (run_dir / "worker.pid").write_text(f"{os.getpid()}\n")
+    log = EventLog(run_dir / "events.jsonl", read_run_id(run_dir))
+    control = RunControl()
+    last: dict[str, Any] = {"type": None, "step": None}
+
+    def emit(event: EventBase) -> None:
+        stamped = log.append(event)
+        last["type"] = stamped.type  # type: ignore[attr-defined]
+        last["step"] = getattr(stamped, "step", None) or last["step"]
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        print(f"signal {signum}: stopping after the current step", flush=True)
+        control.request_stop("signal")
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        config = RunConfig.load(run_dir / "config.json")
+        run_training = load_engine()
+        result = run_training(config, run_dir, emit, control)
+        # The engine emits the final event; a return without one still must end the log.
+        if last["type"] not in FINAL_TYPES:
+            if control.stop_requested:
+                emit(Cancelled(step=last["step"]))
+            else:
+                emit(Completed(step=int(getattr(result, "step", None) or last["step"] or 0)))
+        return 0
+    except BaseException as exc:  # noqa: BLE001 - every way out must be recorded in the log
+        traceback.print_exc()
+        if last["type"] not in FINAL_TYPES:
+            emit(_failed_event(exc, last["step"]))
+        return 1
+    finally:
+        log.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m backpropagate.worker RUN_DIR", file=sys.stderr)
+        return 2
+    run_dir = Path(args[0])
+    if not (run_dir / "config.json").is_file():
+        print(f"{run_dir}/config.json not found", file=sys.stderr)
+        return 2
+    _redirect_output(run_dir / "worker.log")
+    return run_worker(run_dir)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
