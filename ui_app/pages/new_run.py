@@ -1,0 +1,490 @@
+"""The new-run page: pick and check a data set, choose a model and method, set hyperparameters, start.
+
+The form is built from RunConfig's fields (names, defaults, choices, descriptions) and its
+errors are RunConfig's own; the page adds no rules of its own.
+"""
+
+from __future__ import annotations
+
+import typing
+from pathlib import Path
+from typing import Any
+
+import reflex as rx
+
+from backpropagate.config import PRESETS, RunConfig
+from backpropagate.errors import BackpropError
+from ui_app.components.chat import preview_row
+from ui_app.components.layout import page
+from ui_app.state import service
+
+# Fields shown up front; every other field of RunConfig goes into the collapsed advanced section.
+BASIC_FIELDS = [
+    "name",
+    "steps",
+    "epochs",
+    "max_seq_len",
+    "batch_size",
+    "grad_accum",
+    "lr",
+    "lora_r",
+    "lora_alpha",
+]
+# Chosen in their own steps above the hyperparameters.
+STEP_FIELDS = {"data", "model", "method", "preset", "data_format"}
+
+
+def _choices(annotation: Any) -> list[str]:
+    """The Literal values a field accepts (also inside ``X | Literal[...]``), as strings."""
+    out: list[str] = []
+    for arg in typing.get_args(annotation) or ():
+        out += _choices(arg)
+    if typing.get_origin(annotation) is typing.Literal:
+        out = [str(a) for a in typing.get_args(annotation)]
+    elif annotation is bool:
+        out = ["true", "false"]
+    return list(dict.fromkeys(out))
+
+
+def _to_text(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def field_specs() -> list[dict[str, Any]]:
+    """One entry per RunConfig field: name, default text, choices (for a select) and help."""
+    specs = []
+    for name, info in RunConfig.model_fields.items():
+        if name in STEP_FIELDS:
+            continue
+        choices = _choices(info.annotation)
+        free = any(a in (int, float, str) for a in typing.get_args(info.annotation))
+        specs.append(
+            {
+                "name": name,
+                "default": "" if info.is_required() else _to_text(info.default),
+                "choices": [] if free and set(choices) != {"true", "false"} else choices,
+                "help": info.description or "",
+            }
+        )
+    return specs
+
+
+FIELDS = field_specs()
+DEFAULTS = {f["name"]: f["default"] for f in FIELDS}
+
+
+def form_to_config(values: dict[str, str], defaults: dict[str, str] = DEFAULTS) -> dict[str, Any]:
+    """The RunConfig input from the form: only fields the user changed, typed as RunConfig expects.
+
+    Unchanged fields are left out so that RunConfig's defaults and presets apply.
+    """
+    out: dict[str, Any] = {}
+    for name, text in values.items():
+        text = text.strip()
+        if name not in STEP_FIELDS and (text == defaults.get(name, "") or text == ""):
+            continue
+        if text == "":
+            continue
+        if text in ("true", "false"):
+            out[name] = text == "true"
+            continue
+        for cast in (int, float):
+            try:
+                out[name] = cast(text)
+                break
+            except ValueError:
+                pass
+        else:
+            out[name] = text
+        if name in ("data", "model", "name", "output_dir", "eval_data"):
+            out[name] = text  # names that look like numbers stay names
+    return out
+
+
+class NewRunState(rx.State):
+    values: dict[str, str] = {**DEFAULTS, "model": "demo", "method": "lora", "preset": "", "data": ""}
+    data_label: str = ""
+    datasets: list[dict[str, str]] = []
+    examples: list[str] = []
+    models: list[str] = []
+    report: dict[str, Any] = {}
+    preview: list[dict[str, Any]] = []
+    errors: list[dict[str, str]] = []
+    histogram: list[dict[str, Any]] = []
+    problems: list[str] = []
+    memory: str = ""
+    memory_warning: str = ""
+    gpu_text: str = ""
+    message: str = ""
+    busy: bool = False
+
+    @rx.event
+    async def load(self) -> None:
+        self.examples = service.example_files()
+        self.models = await service.list_models()
+        try:
+            self.datasets = [
+                {"id": str(d["id"]), "label": f"{d['original_name']} ({d['id']})"}
+                for d in await service.list_datasets()
+            ]
+        except BackpropError as exc:
+            self.message = f"[{exc.code}] {exc.message}"
+        gpus = service.gpus()
+        self.gpu_text = (
+            ", ".join(f"{g.get('name')} ({(g.get('memory_total_mb') or 0) / 1024:.0f} GiB)" for g in gpus)
+            if gpus
+            else "No GPU detected: training runs on the CPU."
+        )
+        self._estimate()
+
+    @rx.event
+    def set_value(self, name: str, value: str) -> None:
+        self.values[name] = value
+        self.problems = []
+        if name in ("model", "method", "max_seq_len", "batch_size", "lora_r", "gradient_checkpointing"):
+            self._estimate()
+
+    @rx.event
+    def apply_preset(self, preset: str) -> None:
+        self.values["preset"] = "" if preset == "none" else preset
+        # Show what the preset fills in; RunConfig applies it again on submit.
+        for key, value in PRESETS.get(preset, {}).items():
+            self.values[key] = _to_text(value)
+        self._estimate()
+
+    def _estimate(self) -> None:
+        model = self.values.get("model", "")
+        folder = model if Path(model).is_dir() else str(service.get_settings().models_dir / model)
+        try:
+            est = service.memory_estimate(
+                folder, form_to_config(self.values) | {"method": self.values["method"]}
+            )
+        except Exception:  # noqa: BLE001 - an estimate is a hint; a bad value is reported on submit
+            est = None
+        if not est:
+            self.memory, self.memory_warning = (
+                "Memory estimate appears once the model's config is on disk.",
+                "",
+            )
+            return
+        self.memory = (
+            f"Estimated peak memory: {est['total_gib']:.2f} GiB (weights {est['weights_gib']:.2f} GiB)"
+        )
+        gpus = service.gpus()
+        free = max(((g.get("memory_total_mb") or 0) / 1024 for g in gpus), default=0.0)
+        self.memory_warning = (
+            f"This does not fit the detected GPU ({free:.0f} GiB): lower the sequence length or batch, or use QLoRA."
+            if gpus and est["total_gib"] > free
+            else ""
+        )
+
+    async def _check(self, path: str, label: str) -> None:
+        self.values["data"] = path
+        self.data_label = label
+        self.busy = True
+        yield
+        try:
+            report = await service.validate(
+                path,
+                model=self.values.get("model") or "demo",
+                max_seq_len=int(self.values.get("max_seq_len") or 1024),
+                data_format=self.values.get("data_format") or "auto",
+            )
+        except BackpropError as exc:
+            self.report, self.errors = {}, [{"where": "", "message": f"[{exc.code}] {exc.message}"}]
+        except Exception as exc:  # noqa: BLE001 - shown to the user, the page stays usable
+            self.report, self.errors = {}, [{"where": "", "message": f"{type(exc).__name__}: {exc}"}]
+        else:
+            self.report = {
+                "ok": report.get("ok"),
+                "rows": report.get("rows"),
+                "total_rows": report.get("total_rows"),
+                "formats": ", ".join(sorted(set((report.get("formats") or {}).values()))),
+                "over_max_len": report.get("over_max_len", 0),
+                "duplicates": report.get("duplicates", 0),
+                "tokens": (report.get("token_stats") or {}).get("p95", ""),
+            }
+            self.errors = [
+                {
+                    "where": f"{Path(str(e.get('file', ''))).name}:{e.get('line', '')}",
+                    "message": str(e.get("message", "")),
+                }
+                for e in (report.get("errors") or []) + (report.get("skipped") or [])
+            ][:50]
+            self.histogram = [
+                {"range": f"{b['start']}–{b['end']}", "rows": b["count"]}
+                for b in report.get("histogram") or []
+            ]
+            self.preview = [_bubbles(r) for r in report.get("preview") or []]
+        self.busy = False
+
+    @rx.event
+    async def handle_upload(self, files: list[rx.UploadFile]):
+        for f in files[:1]:
+            data = await f.read()
+            name = f.name or "upload.jsonl"
+            try:
+                row = await service.save_upload(name, data)
+            except BackpropError as exc:
+                self.errors = [{"where": name, "message": f"[{exc.code}] {exc.message}"}]
+                return
+            async for _ in self._check(row["stored_path"], name):
+                yield
+
+    @rx.event
+    async def pick_dataset(self, dataset_id: str):
+        rows = {d["id"]: d for d in await service.list_datasets()}
+        if dataset_id in rows:
+            async for _ in self._check(rows[dataset_id]["stored_path"], rows[dataset_id]["original_name"]):
+                yield
+
+    @rx.event
+    async def pick_example(self, path: str):
+        async for _ in self._check(path, Path(path).name):
+            yield
+
+    @rx.event
+    async def start(self) -> Any:
+        config = form_to_config(self.values)
+        try:
+            run_id = await service.create_run(config)
+        except BackpropError as exc:
+            self.problems = (
+                list(exc.details.get("problems") or [exc.message]) if exc.details else [exc.message]
+            )
+            return None
+        return rx.redirect(f"/runs/{run_id}")
+
+
+def _bubbles(row: dict[str, Any]) -> dict[str, Any]:
+    """A preview row as chat turns: [{"role", "content"}], whatever its source format."""
+    messages = row.get("messages")
+    if isinstance(messages, list):
+        return {
+            "turns": [
+                {"role": str(m.get("role", "")), "content": str(m.get("content", ""))} for m in messages
+            ]
+        }
+    if "prompt" in row or "chosen" in row:
+        turns = [{"role": "user", "content": str(row.get("prompt", ""))}]
+        turns.append({"role": "assistant", "content": str(row.get("chosen", row.get("completion", "")))})
+        return {"turns": turns}
+    text = row.get("text")
+    return {"turns": [{"role": "text", "content": str(text if text is not None else row)}]}
+
+
+def _field_input(spec: dict[str, Any]) -> rx.Component:
+    name = spec["name"]
+    control = (
+        rx.select(
+            spec["choices"],
+            value=NewRunState.values[name],
+            on_change=lambda v: NewRunState.set_value(name, v),
+            name=name,
+            aria_label=name,
+        )
+        if spec["choices"]
+        else rx.input(
+            value=NewRunState.values[name],
+            on_change=lambda v: NewRunState.set_value(name, v),
+            name=name,
+            id=f"field-{name}",
+            aria_label=name,
+            placeholder=spec["default"] or "(unset)",
+        )
+    )
+    return rx.box(
+        rx.el.label(name, html_for=f"field-{name}", style={"font_weight": "500", "font_size": "14px"}),
+        control,
+        rx.text(spec["help"], size="1", color_scheme="gray"),
+    )
+
+
+def _data_step() -> rx.Component:
+    s = NewRunState
+    return rx.card(
+        rx.heading("1. Data", size="4", as_="h2"),
+        rx.upload(
+            rx.vstack(
+                rx.icon("upload"),
+                rx.text("Drop a .jsonl, .json, .csv, .parquet or .txt file here, or click to choose one."),
+                align="center",
+            ),
+            id="dataset-upload",
+            multiple=False,
+            max_files=1,
+            on_drop=NewRunState.handle_upload(rx.upload_files(upload_id="dataset-upload")),
+            border="1px dashed var(--gray-a7)",
+            padding="1.5em",
+            width="100%",
+            margin_y="0.75em",
+        ),
+        rx.flex(
+            rx.cond(
+                s.datasets.length() > 0,
+                rx.select.root(
+                    rx.select.trigger(placeholder="Or pick a previous upload"),
+                    rx.select.content(
+                        rx.foreach(s.datasets, lambda d: rx.select.item(d["label"], value=d["id"]))
+                    ),
+                    on_change=NewRunState.pick_dataset,
+                ),
+            ),
+            rx.cond(
+                s.examples.length() > 0,
+                rx.select.root(
+                    rx.select.trigger(placeholder="Or an example file", id="example-picker"),
+                    rx.select.content(rx.foreach(s.examples, lambda p: rx.select.item(p, value=p))),
+                    on_change=NewRunState.pick_example,
+                ),
+            ),
+            gap="3",
+            wrap="wrap",
+        ),
+        rx.cond(s.busy, rx.hstack(rx.spinner(), rx.text("Checking the data set…"))),
+        rx.cond(
+            s.report.length() > 0,
+            rx.vstack(
+                rx.text(
+                    s.data_label, ": ", s.report["rows"].to(str), " usable rows of ", s.report["total_rows"].to(str),
+                    " · format ", s.report["formats"].to(str),
+                    " · over max length ", s.report["over_max_len"].to(str),
+                    " · duplicates ", s.report["duplicates"].to(str),
+                    id="data-summary",
+                ),
+                rx.cond(
+                    s.histogram.length() > 0,
+                    rx.box(
+                        rx.text("Token lengths", size="2", weight="medium"),
+                        rx.recharts.bar_chart(
+                            rx.recharts.bar(data_key="rows", fill="var(--indigo-9)", is_animation_active=False),
+                            rx.recharts.x_axis(data_key="range"),
+                            rx.recharts.y_axis(width=40),
+                            rx.recharts.graphing_tooltip(),
+                            data=s.histogram,
+                            height=160,
+                            width="100%",
+                        ),
+                        width="100%",
+                        id="token-histogram",
+                    ),
+                ),
+                rx.vstack(rx.foreach(s.preview, preview_row), width="100%", id="data-preview"),
+                width="100%",
+            ),
+        ),
+        rx.cond(
+            s.errors.length() > 0,
+            rx.callout.root(
+                rx.callout.text(
+                    rx.vstack(
+                        rx.foreach(
+                            s.errors, lambda e: rx.text(rx.code(e["where"]), " ", e["message"], size="2")
+                        ),
+                        spacing="1",
+                    )
+                ),
+                color_scheme="red",
+                id="data-errors",
+            ),
+        ),
+        width="100%",
+    )  # fmt: skip
+
+
+def _model_step() -> rx.Component:
+    s = NewRunState
+    return rx.card(
+        rx.heading("2. Model and method", size="4", as_="h2"),
+        rx.grid(
+            rx.box(
+                rx.el.label("Model (demo name, local folder or hub id)", html_for="field-model"),
+                rx.input(
+                    value=s.values["model"],
+                    on_change=lambda v: NewRunState.set_value("model", v),
+                    id="field-model",
+                    list="model-options",
+                ),
+                rx.el.datalist(rx.foreach(s.models, lambda m: rx.el.option(value=m)), id="model-options"),
+            ),
+            rx.box(
+                rx.el.label("Method"),
+                rx.select(
+                    ["lora", "qlora", "full"],
+                    value=s.values["method"],
+                    on_change=lambda v: NewRunState.set_value("method", v),
+                    aria_label="Method",
+                ),
+            ),
+            rx.box(
+                rx.el.label("Preset"),
+                rx.select(
+                    ["none", *PRESETS],
+                    value=rx.cond(s.values["preset"] != "", s.values["preset"], "none"),
+                    on_change=NewRunState.apply_preset,
+                    aria_label="Preset",
+                ),
+            ),
+            columns=rx.breakpoints(initial="1", sm="3"),
+            gap="3",
+            margin_y="0.75em",
+        ),
+        rx.text(s.gpu_text, size="2", id="gpu-text"),
+        rx.text(s.memory, size="2", id="memory-estimate"),
+        rx.cond(
+            s.memory_warning != "", rx.callout(s.memory_warning, color_scheme="amber", icon="triangle_alert")
+        ),
+        width="100%",
+    )
+
+
+def _params_step() -> rx.Component:
+    basic = [f for f in FIELDS if f["name"] in BASIC_FIELDS]
+    advanced = [f for f in FIELDS if f["name"] not in BASIC_FIELDS]
+    return rx.card(
+        rx.heading("3. Hyperparameters", size="4", as_="h2"),
+        rx.grid(
+            *[_field_input(f) for f in basic], columns=rx.breakpoints(initial="1", sm="2", md="3"), gap="3"
+        ),
+        rx.el.details(
+            rx.el.summary("Advanced settings", style={"cursor": "pointer", "margin": "1em 0"}),
+            rx.grid(
+                *[_field_input(f) for f in advanced],
+                columns=rx.breakpoints(initial="1", sm="2", md="3"),
+                gap="3",
+            ),
+        ),
+        width="100%",
+    )
+
+
+def new_run_page() -> rx.Component:
+    s = NewRunState
+    return page(
+        "New run",
+        rx.vstack(
+            _data_step(),
+            _model_step(),
+            _params_step(),
+            rx.cond(
+                s.problems.length() > 0,
+                rx.callout.root(
+                    rx.callout.text(rx.vstack(rx.foreach(s.problems, lambda p: rx.text(p, size="2")))),
+                    color_scheme="red",
+                    id="config-problems",
+                ),
+            ),
+            rx.hstack(
+                rx.button("Start training", on_click=NewRunState.start, size="3", id="start-run"),
+                rx.text(s.message, size="2", color_scheme="gray"),
+                align="center",
+            ),
+            spacing="4",
+            width="100%",
+        ),
+        on_mount=NewRunState.load,
+    )

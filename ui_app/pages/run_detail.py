@@ -1,0 +1,262 @@
+"""The live run page: loss curve, metrics, GPU panel, timeline, log tail, and run controls."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import reflex as rx
+
+from backpropagate.errors import BackpropError
+from ui_app.components.charts import loss_chart, metric_chart
+from ui_app.components.layout import page
+from ui_app.components.panels import gpu_panel, log_tail, stat, timeline
+from ui_app.components.status import progress, status_badge
+from ui_app.state import service
+from ui_app.state.runview import RunView
+
+# At most this many state pushes per second reach the browser, however fast events arrive.
+PUSH_INTERVAL_S = 0.4
+STORE_CHECK_S = 2.0
+
+
+class RunDetailState(rx.State):
+    """What the run page shows; filled by one background task that follows the event log."""
+
+    run_id: str = ""
+    name: str = ""
+    summary: dict[str, Any] = {}
+    chart: list[dict[str, Any]] = []
+    timeline: list[dict[str, str]] = []
+    gpus: list[dict[str, Any]] = []
+    final: dict[str, str] = {}
+    checkpoints: list[dict[str, str]] = []
+    log: str = ""
+    last_seq: int = 0
+    points: int = 0
+    message: str = ""
+    error: str = ""
+    following: bool = False
+    # Backend only: the run the background task follows (not sent to the browser).
+    _task_run: str = ""
+
+    @rx.var
+    def status(self) -> str:
+        return str(self.summary.get("status", ""))
+
+    @rx.var
+    def can_stop(self) -> bool:
+        return self.status in ("queued", "running", "paused")
+
+    @rx.var
+    def can_resume(self) -> bool:
+        return self.status in ("cancelled", "failed", "interrupted")
+
+    @rx.event
+    def open_run(self) -> Any:
+        run_id = self.router.page.params.get("run_id", "")
+        if run_id != self.run_id:
+            self.reset()
+            self.run_id = run_id
+        self.following = True
+        if self._task_run != run_id:
+            return RunDetailState.follow
+
+    @rx.event
+    def leave(self) -> None:
+        self.following = False
+
+    @rx.event(background=True)
+    async def follow(self) -> None:
+        """Replay the log from the start, then follow it; push at most every PUSH_INTERVAL_S."""
+        async with self:
+            run_id = self.run_id
+            if self._task_run == run_id or not run_id:
+                return
+            self._task_run = run_id
+        view = RunView(run_id=run_id)
+        try:
+            tail = service.EventTail(run_id)
+            store_checked = 0.0
+            row: dict[str, Any] = {}
+            while True:
+                events = await tail.read()
+                changed = False
+                for ev in events:
+                    changed |= view.apply(ev)
+                now = time.monotonic()
+                if now - store_checked > STORE_CHECK_S:
+                    store_checked = now
+                    try:
+                        row = await service.get_run(run_id)
+                    except BackpropError as exc:
+                        row = {"error": exc.message}
+                    except Exception:  # noqa: BLE001 - the log alone still draws the page
+                        row = {}
+                    changed = True
+                text = await service.log_tail(run_id) if changed else None
+                async with self:
+                    if not self.following or self.run_id != run_id:
+                        break
+                    if changed:
+                        self._push(view, row, text)
+                await asyncio.sleep(PUSH_INTERVAL_S)
+        finally:
+            async with self:
+                if self._task_run == run_id:
+                    self._task_run = ""
+
+    def _push(self, view: RunView, row: dict[str, Any], log_text: str | None) -> None:
+        summary = view.summary()
+        # The store knows what the log cannot say (a worker that died, a queued resume); trust it
+        # when it has seen at least the events this page has.
+        if row.get("status") and int(row.get("last_seq") or 0) >= view.last_seq:
+            summary["status"] = row["status"]
+        self.error = row.get("error", "") if not view.last_seq else ""
+        self.name = row.get("name") or (view.config or {}).get("name") or view.run_id
+        self.summary = summary
+        self.chart = view.chart_points()
+        self.points = len(view.steps)
+        self.timeline = list(reversed(view.timeline))
+        self.gpus = view.gpus
+        self.final = {k: "" if v is None else str(v) for k, v in view.final.items()}
+        self.checkpoints = [{k: str(v) for k, v in c.items()} for c in view.checkpoints[-5:]]
+        self.last_seq = view.last_seq
+        if log_text is not None:
+            self.log = log_text
+
+    async def _action(self, action: str) -> Any:
+        try:
+            new_id = await service.run_action(action, self.run_id)
+        except BackpropError as exc:
+            self.message = f"[{exc.code}] {exc.message}"
+            return None
+        self.message = {"stop": "Stop requested.", "resume": "Resuming…", "clone": "Cloned."}.get(action, "")
+        if action == "clone" and new_id:
+            return rx.redirect(f"/runs/{new_id}")
+        return None
+
+    @rx.event
+    async def stop(self) -> Any:
+        return await self._action("stop")
+
+    @rx.event
+    async def resume(self) -> Any:
+        return await self._action("resume")
+
+    @rx.event
+    async def clone(self) -> Any:
+        return await self._action("clone")
+
+
+def _controls() -> rx.Component:
+    s = RunDetailState
+    return rx.hstack(
+        rx.button("Stop", on_click=s.stop, disabled=~s.can_stop, color_scheme="red", id="stop-run"),
+        rx.button("Resume", on_click=s.resume, disabled=~s.can_resume, id="resume-run"),
+        rx.button("Clone", on_click=s.clone, variant="outline", id="clone-run"),
+        rx.link("Compare", href="/compare?runs=" + s.run_id, size="2"),
+        rx.text(s.message, size="2", color_scheme="gray", id="action-message"),
+        spacing="3",
+        wrap="wrap",
+        align="center",
+    )
+
+
+def _final() -> rx.Component:
+    s = RunDetailState
+    return rx.cond(
+        s.final.length() > 0,
+        rx.card(
+            rx.heading("Result", size="3", as_="h2"),
+            rx.data_list.root(
+                rx.foreach(
+                    s.final.entries(),
+                    lambda kv: rx.data_list.item(rx.data_list.label(kv[0]), rx.data_list.value(kv[1])),
+                ),
+            ),
+            rx.cond(
+                s.checkpoints.length() > 0,
+                rx.vstack(
+                    rx.text("Checkpoints", weight="medium", size="2"),
+                    rx.foreach(
+                        s.checkpoints, lambda c: rx.text("step ", c["step"], ": ", c["path"], size="1")
+                    ),
+                    spacing="1",
+                ),
+            ),
+            id="final-metrics",
+        ),
+    )
+
+
+def run_detail_page() -> rx.Component:
+    s = RunDetailState
+    summary = s.summary
+    return page(
+        "Run",
+        rx.vstack(
+            rx.hstack(
+                rx.heading(s.name, size="5", id="run-name"),
+                status_badge(s.status),
+                rx.text(summary["phase"].to(str), size="2", color_scheme="gray"),
+                rx.text(s.run_id, size="1", color_scheme="gray", font_family="monospace"),
+                wrap="wrap",
+                align="center",
+                spacing="3",
+            ),
+            rx.cond(s.error != "", rx.callout(s.error, color_scheme="red", icon="triangle_alert")),
+            _controls(),
+            rx.hstack(
+                rx.text("Step ", summary["step"].to(str), " / ", summary["total_steps"].to(str), size="2"),
+                progress(summary["progress"].to(int)),
+                width="100%",
+                align="center",
+            ),
+            rx.flex(
+                stat("Loss", summary["loss"].to(str), "stat-loss"),
+                stat("Learning rate", summary["lr"].to(str)),
+                stat("Grad norm", summary["grad_norm"].to(str)),
+                stat("Tokens/s", summary["tokens_per_s"].to(str), "stat-tps"),
+                stat("ETA", summary["eta"].to(str)),
+                stat("Micro-batch", summary["micro_batch"].to(str)),
+                gap="3",
+                wrap="wrap",
+            ),
+            rx.card(
+                rx.hstack(
+                    rx.heading("Loss", size="3", as_="h2"),
+                    rx.text(s.points.to(str), " steps", size="1", color_scheme="gray", id="point-count"),
+                    align="center",
+                ),
+                loss_chart(s.chart),
+                width="100%",
+            ),
+            rx.grid(
+                metric_chart(s.chart, "lr", "Learning rate", "var(--green-9)"),
+                metric_chart(s.chart, "grad_norm", "Grad norm", "var(--crimson-9)"),
+                metric_chart(s.chart, "tokens_per_s", "Tokens/s", "var(--cyan-9)"),
+                columns=rx.breakpoints(initial="1", md="3"),
+                gap="3",
+                width="100%",
+            ),
+            _final(),
+            gpu_panel(s.gpus, summary["device"].to(str)),
+            rx.grid(
+                timeline(s.timeline),
+                log_tail(s.log),
+                columns=rx.breakpoints(initial="1", md="2"),
+                gap="4",
+                width="100%",
+            ),
+            spacing="4",
+            width="100%",
+        ),
+        on_mount=RunDetailState.open_run,
+    )
+
+
+def run_detail_wrapper() -> rx.Component:
+    """The page with a hook that stops following when the user navigates away."""
+    return rx.fragment(run_detail_page(), on_unmount=RunDetailState.leave)

@@ -1,0 +1,310 @@
+"""Fold a run's event log into what the pages show: summary, bounded chart series, timeline, GPUs.
+
+Pure functions over events (dicts in the wire format of backpropagate/events.py), so a page
+that reconnects replays from its last seq and ends in exactly the state of one that never left.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+MAX_CHART_POINTS = 1000
+TIMELINE_LIMIT = 200
+DOCS_ERRORS_URL = "https://github.com/backpropagate/backpropagate/blob/main/docs/error-codes.md"
+
+# Events that appear in the timeline; step/gpu/eval are shown as charts and panels instead.
+TIMELINE_TYPES = frozenset(
+    {
+        "run_started", "status", "checkpoint", "paused", "resumed", "oom_recovered",
+        "warning", "error", "completed", "failed", "cancelled",
+    }
+)  # fmt: skip
+TERMINAL = frozenset({"completed", "failed", "cancelled", "interrupted"})
+
+
+def error_doc_url(code: str) -> str:
+    """Link to the troubleshooting entry of an error code (anchors are the lower-cased code)."""
+    return f"{DOCS_ERRORS_URL}#{code.lower()}"
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
+def format_duration(seconds: float | None) -> str:
+    """`1h 02m`, `3m 05s`, `42s`; empty for unknown."""
+    if seconds is None or not math.isfinite(seconds) or seconds < 0:
+        return ""
+    s = int(round(seconds))
+    if s >= 3600:
+        return f"{s // 3600}h {s % 3600 // 60:02d}m"
+    if s >= 60:
+        return f"{s // 60}m {s % 60:02d}s"
+    return f"{s}s"
+
+
+def timeline_entry(ev: dict[str, Any]) -> dict[str, str]:
+    """One line of the timeline: kind (for colour), text, optional error code and its docs link."""
+    t = ev.get("type", "")
+    code = ev.get("code") or ""
+    text = t
+    if t == "run_started":
+        resumed = ev.get("resumed_from_step")
+        where = f" on {ev['device']}" if ev.get("device") else ""
+        backend = f" ({ev['backend']})" if ev.get("backend") else ""
+        text = f"Resumed from step {resumed}{where}{backend}" if resumed else f"Started{where}{backend}"
+    elif t == "status":
+        text = f"Status: {ev.get('status')}" + (f" — {ev['phase']}" if ev.get("phase") else "")
+        if ev.get("message"):
+            text += f": {ev['message']}"
+    elif t == "checkpoint":
+        text = f"Checkpoint at step {ev.get('step')} ({_fmt_bytes(ev.get('bytes') or 0)})"
+        if ev.get("best"):
+            text += " — best so far"
+    elif t == "paused":
+        temp = f" at {ev['temperature_c']:.0f} °C" if ev.get("temperature_c") is not None else ""
+        text = f"Paused ({ev.get('reason')}){temp}" + (f" at step {ev['step']}" if ev.get("step") else "")
+    elif t == "resumed":
+        temp = f" at {ev['temperature_c']:.0f} °C" if ev.get("temperature_c") is not None else ""
+        text = f"Resumed ({ev.get('reason')}){temp}"
+    elif t == "oom_recovered":
+        text = (
+            f"Out of memory at step {ev.get('step')}: micro-batch {ev.get('old_micro_batch')} → "
+            f"{ev.get('new_micro_batch')}, accumulation {ev.get('grad_accum')}"
+        )
+    elif t in ("warning", "error", "failed"):
+        label = {"warning": "Warning", "error": "Error", "failed": "Failed"}[t]
+        text = f"{label}: {ev.get('message', '')}" + (f" — {ev['hint']}" if ev.get("hint") else "")
+    elif t == "completed":
+        loss = ev.get("final_loss")
+        text = f"Completed at step {ev.get('step')}" + (
+            f", final loss {loss:.4f}" if loss is not None else ""
+        )
+    elif t == "cancelled":
+        text = "Stopped" + (f" at step {ev['step']}" if ev.get("step") is not None else "")
+        if ev.get("checkpoint"):
+            text += " (checkpoint saved)"
+    kind = {"warning": "warning", "error": "error", "failed": "error", "completed": "success"}.get(t, "info")
+    return {
+        "seq": str(ev.get("seq", "")),
+        "ts": str(ev.get("ts", "")),
+        "kind": kind,
+        "text": text,
+        "code": code,
+        "url": error_doc_url(code) if code else "",
+    }
+
+
+def downsample(points: list[dict[str, Any]], max_points: int = MAX_CHART_POINTS, key: str = "loss") -> list:
+    """At most ``max_points`` rows, keeping first and last and each bucket's min and max of ``key``.
+
+    Keeping extremes (not averages) preserves the shape of spikes a user wants to see.
+    """
+    n = len(points)
+    if n <= max_points:
+        return list(points)
+    inner = points[1:-1]
+    buckets = max(1, (max_points - 2) // 2)
+    size = len(inner) / buckets
+    out = [points[0]]
+    for b in range(buckets):
+        chunk = inner[int(b * size) : int((b + 1) * size)]
+        if not chunk:
+            continue
+        vals = [(p.get(key) if p.get(key) is not None else math.inf, i) for i, p in enumerate(chunk)]
+        lo = min(vals)[1]
+        hi = max((v if v != math.inf else -math.inf, i) for v, i in vals)[1]
+        for i in sorted({lo, hi}):
+            out.append(chunk[i])
+    out.append(points[-1])
+    return out
+
+
+@dataclass
+class RunView:
+    """Accumulates the events of one run; ``apply`` is idempotent per seq (replays are safe)."""
+
+    run_id: str = ""
+    last_seq: int = 0
+    status: str = "queued"
+    phase: str = ""
+    step: int = 0
+    total_steps: int = 0
+    loss: float | None = None
+    lr: float | None = None
+    grad_norm: float | None = None
+    tokens_per_s: float | None = None
+    micro_batch: int | None = None
+    started_ts: float | None = None
+    ended_ts: float | None = None
+    device: str = ""
+    backend: str = ""
+    config: dict[str, Any] = field(default_factory=dict)
+    steps: list[dict[str, Any]] = field(default_factory=list)
+    evals: list[dict[str, Any]] = field(default_factory=list)
+    timeline: list[dict[str, str]] = field(default_factory=list)
+    gpus: list[dict[str, Any]] = field(default_factory=list)
+    final: dict[str, Any] = field(default_factory=dict)
+    checkpoints: list[dict[str, Any]] = field(default_factory=list)
+    error_code: str = ""
+    error_message: str = ""
+    # (ts, step) of recent steps, for the ETA
+    _recent: list[tuple[float, int]] = field(default_factory=list)
+
+    def apply(self, ev: dict[str, Any]) -> bool:
+        """Fold one event in; False when it was already seen (seq not after the last one)."""
+        seq = int(ev.get("seq", 0))
+        if seq and seq <= self.last_seq:
+            return False
+        self.last_seq = max(self.last_seq, seq)
+        t = ev.get("type")
+        ts = ev.get("ts")
+        if t == "run_started":
+            self.status = "running"
+            self.started_ts = self.started_ts or ts
+            self.ended_ts = None
+            self.device = ev.get("device") or self.device
+            self.backend = ev.get("backend") or self.backend
+            self.config = ev.get("config") or self.config
+            self.total_steps = ev.get("total_steps") or self.total_steps
+            self.final = {}
+            self.error_code = self.error_message = ""
+            self._recent.clear()
+        elif t == "status":
+            self.status = ev.get("status") or self.status
+            self.phase = ev.get("phase") or ""
+        elif t == "step":
+            if self.status in ("queued", "interrupted"):
+                self.status = "running"
+            self.step = ev["step"]
+            self.total_steps = ev.get("total_steps") or self.total_steps
+            self.loss, self.lr = ev.get("loss"), ev.get("lr")
+            self.grad_norm, self.tokens_per_s = ev.get("grad_norm"), ev.get("tokens_per_s")
+            self.micro_batch = ev.get("micro_batch") or self.micro_batch
+            # a resumed run repeats steps after its checkpoint: the newer value replaces the older
+            while self.steps and self.steps[-1]["step"] >= self.step:
+                self.steps.pop()
+            self.steps.append(
+                {
+                    "step": self.step,
+                    "loss": self.loss,
+                    "lr": self.lr,
+                    "grad_norm": self.grad_norm,
+                    "tokens_per_s": self.tokens_per_s,
+                }
+            )
+            if ts is not None:
+                self._recent = [*self._recent[-19:], (float(ts), self.step)]
+        elif t == "eval":
+            while self.evals and self.evals[-1]["step"] >= ev["step"]:
+                self.evals.pop()
+            self.evals.append(
+                {"step": ev["step"], "eval_loss": ev.get("loss"), "perplexity": ev.get("perplexity")}
+            )
+        elif t == "gpu":
+            self.gpus = [gpu_card(d) for d in ev.get("devices", [])]
+        elif t == "checkpoint":
+            self.checkpoints.append(
+                {"step": ev.get("step"), "path": ev.get("path"), "bytes": ev.get("bytes")}
+            )
+        elif t == "paused":
+            self.status = "paused"
+        elif t == "resumed":
+            self.status = "running"
+        elif t == "oom_recovered":
+            self.micro_batch = ev.get("new_micro_batch")
+        elif t == "completed":
+            self.status, self.ended_ts = "completed", ts
+            self.final = {
+                k: ev.get(k) for k in ("step", "final_loss", "eval_loss", "adapter_path", "runtime_s")
+            }
+            self.final.update(ev.get("metrics") or {})
+        elif t == "failed":
+            self.status, self.ended_ts = "failed", ts
+            self.error_code, self.error_message = ev.get("code", ""), ev.get("message", "")
+        elif t == "cancelled":
+            self.status, self.ended_ts = "cancelled", ts
+        if t in TIMELINE_TYPES:
+            self.timeline.append(timeline_entry(ev))
+            del self.timeline[:-TIMELINE_LIMIT]
+        return True
+
+    @property
+    def progress_pct(self) -> int:
+        if not self.total_steps:
+            return 100 if self.status == "completed" else 0
+        return int(100 * min(self.step, self.total_steps) / self.total_steps)
+
+    @property
+    def eta_s(self) -> float | None:
+        """Seconds left at the pace of the last steps; None when unknown or finished."""
+        if self.status != "running" or len(self._recent) < 2 or not self.total_steps:
+            return None
+        (t0, s0), (t1, s1) = self._recent[0], self._recent[-1]
+        if s1 <= s0 or t1 <= t0:
+            return None
+        return (self.total_steps - self.step) * (t1 - t0) / (s1 - s0)
+
+    def chart_points(self, max_points: int = MAX_CHART_POINTS) -> list[dict[str, Any]]:
+        """Train and eval loss on one step axis, bounded to ``max_points`` rows."""
+        rows = downsample(self.steps, max_points)
+        by_step = {r["step"]: dict(r) for r in rows}
+        for e in self.evals:
+            by_step.setdefault(e["step"], {"step": e["step"]})["eval_loss"] = e["eval_loss"]
+        return [by_step[s] for s in sorted(by_step)]
+
+    def summary(self) -> dict[str, Any]:
+        """The scalar fields the runs table and the run header show, as strings where formatted."""
+        return {
+            "status": self.status,
+            "phase": self.phase,
+            "step": self.step,
+            "total_steps": self.total_steps,
+            "progress": self.progress_pct,
+            "loss": "" if self.loss is None else f"{self.loss:.4f}",
+            "lr": "" if self.lr is None else f"{self.lr:.2e}",
+            "grad_norm": "" if self.grad_norm is None else f"{self.grad_norm:.3f}",
+            "tokens_per_s": "" if self.tokens_per_s is None else f"{self.tokens_per_s:,.0f}",
+            "eta": format_duration(self.eta_s),
+            "micro_batch": "" if self.micro_batch is None else str(self.micro_batch),
+            "device": self.device,
+            "backend": self.backend,
+        }
+
+
+def gpu_card(d: dict[str, Any], warn_c: float = 80.0, pause_c: float = 90.0) -> dict[str, Any]:
+    """A GPU panel's values: temperature level against the run's thresholds, VRAM percentage."""
+    temp = d.get("temperature_c")
+    used, total = d.get("memory_used_mb"), d.get("memory_total_mb")
+    level = "ok"
+    if temp is not None and temp >= pause_c:
+        level = "critical"
+    elif temp is not None and temp >= warn_c:
+        level = "warm"
+    return {
+        "index": d.get("index", 0),
+        "name": d.get("name") or f"GPU {d.get('index', 0)}",
+        "temperature": "" if temp is None else f"{temp:.0f} °C",
+        "level": level,
+        "vram_pct": int(100 * used / total) if used is not None and total else 0,
+        "vram": f"{(used or 0) / 1024:.1f} / {(total or 0) / 1024:.1f} GiB" if total else "",
+        "util": "" if d.get("utilization_pct") is None else f"{d['utilization_pct']:.0f} %",
+        "power": "" if d.get("power_w") is None else f"{d['power_w']:.0f} W",
+    }
+
+
+def config_diff(configs: dict[str, dict[str, Any]]) -> list[dict[str, str]]:
+    """Rows of the fields whose values differ between runs: {"field", <run_id>: value, ...}."""
+    keys = sorted({k for c in configs.values() for k in c})
+    rows = []
+    for k in keys:
+        values = {rid: c.get(k) for rid, c in configs.items()}
+        if len({repr(v) for v in values.values()}) > 1:
+            rows.append({"field": k, **{rid: "" if v is None else str(v) for rid, v in values.items()}})
+    return rows

@@ -1,0 +1,273 @@
+"""The pages' one door to the run service, store, data validation and memory estimate.
+
+The Reflex backend runs in the same process as the API, so the pages call the RunService
+directly instead of making HTTP requests to their own server. Everything here returns plain
+dicts and lists that Reflex can send to the browser; errors stay ``BackpropError``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+from backpropagate.errors import BackpropError, ErrorCode
+from backpropagate.events import read_events
+from backpropagate.settings import get_settings
+
+
+def _from_reflex_app() -> Any:
+    """The service the API app wired into this Reflex app holds (``app.state.service``)."""
+    from reflex.utils.prerequisites import get_app
+
+    rx_app = getattr(get_app(), "app", None)
+    transformers = getattr(rx_app, "api_transformer", None) or []
+    if not isinstance(transformers, (list, tuple)):
+        transformers = [transformers]
+    for t in transformers:
+        svc = getattr(getattr(t, "state", None), "service", None)
+        if svc is not None:
+            return svc
+    return None
+
+
+_override: Any = None
+
+
+def use_service(service: Any) -> None:
+    """Make the pages use ``service`` (for an app that wires its RunService another way)."""
+    global _override
+    _override = service
+
+
+def run_service() -> Any:
+    """The RunService of this server process."""
+    svc = _override
+    if svc is None:
+        try:
+            svc = _from_reflex_app()
+        except Exception:  # noqa: BLE001 - reported below as the service being unavailable
+            svc = None
+    if svc is None:
+        raise BackpropError(
+            ErrorCode.RUNTIME_INTERNAL,
+            "The run service is not available in this process; start the web app with `backprop ui`.",
+        )
+    return svc
+
+
+def _as_dict(obj: Any) -> dict[str, Any]:
+    if isinstance(obj, dict):
+        return obj
+    if hasattr(obj, "model_dump"):
+        return obj.model_dump(mode="json")
+    return dict(vars(obj))
+
+
+# ---- runs ------------------------------------------------------------------------------------
+
+
+async def list_runs(status: str | None = None) -> list[dict[str, Any]]:
+    rows = await run_service().list([status] if status else None)
+    return [_as_dict(r) for r in rows]
+
+
+async def get_run(run_id: str) -> dict[str, Any]:
+    return _as_dict(await run_service().get(run_id))
+
+
+async def create_run(config: dict[str, Any]) -> str:
+    """Queue a run; the config is checked by RunConfig (CONFIG_INVALID lists every problem)."""
+    from backpropagate.config import RunConfig
+
+    svc = run_service()
+    parsed = RunConfig.parse(config)
+    try:  # the same path checks the API applies before it queues a run
+        from backpropagate.server.routes.inputs import check_run_inputs
+    except ImportError:
+        pass
+    else:
+        parsed = await asyncio.to_thread(check_run_inputs, parsed, svc.settings, svc.store)
+    run = await svc.submit(parsed)
+    return str(_as_dict(run)["id"])
+
+
+async def run_action(action: str, run_id: str) -> str | None:
+    """stop / resume / clone / delete; clone returns the new run's id."""
+    if action not in ("stop", "resume", "clone", "delete"):
+        raise BackpropError(ErrorCode.INPUT_REQUEST_INVALID, f"Unknown run action {action!r}.")
+    result = await getattr(run_service(), action)(run_id)
+    if action == "clone" and result is not None:
+        return str(_as_dict(result)["id"])
+    return None
+
+
+def run_dir(run_id: str) -> Path:
+    if not run_id or "/" in run_id or run_id.startswith("."):
+        raise BackpropError(ErrorCode.STATE_RUN_NOT_FOUND, f"No run with id {run_id!r}.")
+    return get_settings().runs_dir / run_id
+
+
+def _read_events_sync(run_id: str, after: int, limit: int) -> list[dict[str, Any]]:
+    out = []
+    for ev in read_events(run_dir(run_id) / "events.jsonl", after=after):
+        out.append(ev.model_dump(mode="json"))
+        if len(out) >= limit:
+            break
+    return out
+
+
+async def read_run_events(run_id: str, after: int = 0, limit: int = 5000) -> list[dict[str, Any]]:
+    """Events after ``after`` from the run's log (the source of truth), read off the event loop."""
+    return await asyncio.to_thread(_read_events_sync, run_id, after, limit)
+
+
+class EventTail:
+    """Reads a run's events.jsonl incrementally from a byte offset (only whole lines)."""
+
+    def __init__(self, run_id: str) -> None:
+        self.path = run_dir(run_id) / "events.jsonl"
+        self.offset = 0
+
+    def _read(self, limit_bytes: int) -> list[dict[str, Any]]:
+        if not self.path.exists():
+            return []
+        with self.path.open("rb") as fh:
+            fh.seek(self.offset)
+            chunk = fh.read(limit_bytes)
+        end = chunk.rfind(b"\n") + 1  # a torn last line is read again once the writer finishes it
+        self.offset += end
+        return [json.loads(line) for line in chunk[:end].splitlines() if line.strip()]
+
+    async def read(self, limit_bytes: int = 4 << 20) -> list[dict[str, Any]]:
+        return await asyncio.to_thread(self._read, limit_bytes)
+
+
+async def log_tail(run_id: str, lines: int = 40) -> str:
+    def tail() -> str:
+        path = run_dir(run_id) / "worker.log"
+        if not path.exists():
+            return ""
+        with path.open("rb") as fh:
+            fh.seek(0, 2)
+            fh.seek(max(0, fh.tell() - 16384))
+            text = fh.read().decode("utf-8", "replace")
+        return "\n".join(text.splitlines()[-lines:])
+
+    return await asyncio.to_thread(tail)
+
+
+# ---- data sets, models, system ------------------------------------------------------------------
+
+
+async def save_upload(filename: str, data: bytes) -> dict[str, Any]:
+    """Store an uploaded data set under a generated name and record it; returns its record."""
+    import secrets
+    import time
+
+    from backpropagate.runs.store import DatasetRow
+
+    svc = run_service()
+    settings = svc.settings
+    suffix = Path(filename).suffix.lower()
+    allowed = (".jsonl", ".json", ".csv", ".parquet", ".txt")
+    if suffix not in allowed:
+        raise BackpropError(
+            ErrorCode.INPUT_UPLOAD_TYPE,
+            f"{filename}: files of type {suffix or '(none)'} are not accepted; use {', '.join(allowed)}.",
+        )
+    limit = settings.server.max_upload_mb * 1024 * 1024
+    if len(data) > limit:
+        raise BackpropError(
+            ErrorCode.INPUT_UPLOAD_TOO_LARGE,
+            f"{filename} is {len(data) / 2**20:.1f} MB; the limit is {settings.server.max_upload_mb} MB.",
+        )
+    dataset_id = "ds-" + time.strftime("%Y%m%d") + "-" + secrets.token_hex(4)
+    path = settings.datasets_dir / f"{dataset_id}{suffix}"
+
+    def write() -> Any:
+        settings.datasets_dir.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        row = DatasetRow(
+            id=dataset_id,
+            original_name=Path(filename).name[:200],
+            stored_path=str(path),
+            size=len(data),
+            format="auto",
+        )
+        return svc.store.add_dataset(row)
+
+    return _as_dict(await asyncio.to_thread(write))
+
+
+async def list_datasets() -> list[dict[str, Any]]:
+    rows = await asyncio.to_thread(run_service().store.list_datasets)
+    return [_as_dict(r) for r in rows]
+
+
+def example_files() -> list[str]:
+    """The example data files shipped next to the package (a checkout or an installed copy)."""
+    import backpropagate
+
+    candidates = [
+        Path(backpropagate.__file__).resolve().parent.parent / "examples",
+        Path(backpropagate.__file__).resolve().parent / "examples",
+    ]
+    files: list[str] = []
+    for folder in candidates:
+        if folder.is_dir():
+            files += [str(p) for p in sorted(folder.iterdir()) if p.suffix in (".jsonl", ".json", ".csv")]
+    return files
+
+
+async def validate(path: str, model: str, max_seq_len: int, data_format: str = "auto") -> dict[str, Any]:
+    """The data engineer's validation report (rows, format, histogram, errors with line numbers)."""
+    from backpropagate.data import validate_dataset
+
+    report = await asyncio.to_thread(
+        validate_dataset, path, model=model, max_seq_len=max_seq_len, data_format=data_format, preview_rows=5
+    )
+    return json.loads(report.model_dump_json()) if hasattr(report, "model_dump_json") else _as_dict(report)
+
+
+async def list_models() -> list[str]:
+    names = ["demo", "demo-llama", "demo-qwen2"]
+    models_dir = get_settings().models_dir
+    if models_dir.is_dir():
+        names += [str(p) for p in sorted(models_dir.iterdir()) if (p / "config.json").exists()]
+    return list(dict.fromkeys(names))
+
+
+def memory_estimate(model_dir: str | None, config: dict[str, Any]) -> dict[str, Any] | None:
+    """Peak memory for the chosen settings when the model's config.json is on disk, else None."""
+    try:
+        from backpropagate.training import memory
+    except ImportError:
+        return None
+    if not model_dir or not (Path(model_dir) / "config.json").exists():
+        return None
+    shape = memory.shape_from_path(Path(model_dir))
+    batch = config.get("batch_size")
+    est = memory.estimate_memory(
+        shape,
+        method=config.get("method", "lora"),
+        seq_len=int(config.get("max_seq_len", 1024)),
+        micro_batch=batch if isinstance(batch, int) else 1,
+        gradient_checkpointing=config.get("gradient_checkpointing") is True,
+        lora_r=int(config.get("lora_r", 16)),
+    )
+    return est.to_dict()
+
+
+def gpus() -> list[dict[str, Any]]:
+    """Detected GPUs via NVML (empty on a CPU machine)."""
+    try:
+        from backpropagate import gpu
+
+        for name in ("list_gpus", "detect_gpus", "query_gpus"):
+            if hasattr(gpu, name):
+                return [_as_dict(d) for d in getattr(gpu, name)()]
+    except Exception:  # noqa: BLE001 - no NVML means no GPU, which the page says
+        return []
+    return []
