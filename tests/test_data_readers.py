@@ -146,3 +146,21 @@ def test_empty_folder_is_not_found(tmp_path):
     with pytest.raises(BackpropError) as exc:
         load_examples(tmp_path)
     assert exc.value.code == ErrorCode.DATASET_NOT_FOUND
+
+
+def test_missing_relative_file_is_not_mistaken_for_a_hub_id():
+    with pytest.raises(BackpropError) as exc:
+        load_examples("data/train.jsonl")
+    assert (
+        exc.value.code == ErrorCode.DATASET_NOT_FOUND
+        and "No file or folder at data/train.jsonl" in exc.value.message
+    )
+
+
+def test_uploaded_data_set_id_resolves_under_home(isolated_home):
+    from backpropagate.settings import get_settings
+
+    folder = get_settings().datasets_dir / "upload-123"
+    folder.mkdir(parents=True)
+    (folder / "train.jsonl").write_text(json.dumps({"text": "uploaded"}) + "\n")
+    assert [e.text for e in load_examples("upload-123").examples] == ["uploaded"]

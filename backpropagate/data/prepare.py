@@ -19,7 +19,7 @@ from pydantic import BaseModel
 from backpropagate.data.formats import Example
 from backpropagate.data.loading import RowIssue, load_examples
 from backpropagate.data.packing import pack, packing_efficiency
-from backpropagate.data.readers import is_saved_dataset, list_files
+from backpropagate.data.readers import is_saved_dataset, list_files, resolve_data_path
 from backpropagate.data.tokenize import tokenize_example
 from backpropagate.errors import BackpropError, ErrorCode
 from backpropagate.logs import get_logger
@@ -132,7 +132,7 @@ def dataset_fingerprint(paths: str | Path | Iterable[str | Path]) -> str:
         paths = [paths]
     digest = hashlib.sha256()
     for path in paths:
-        p = Path(path).expanduser()
+        p = resolve_data_path(path)
         if not p.exists():
             digest.update(f"hub:{path}\0".encode())
             continue

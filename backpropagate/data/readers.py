@@ -54,9 +54,20 @@ def is_saved_dataset(path: Path) -> bool:
     )
 
 
+def resolve_data_path(name: str | Path) -> Path:
+    """A path as given, or an uploaded data set's folder under BACKPROPAGATE_HOME/datasets."""
+    p = Path(name).expanduser()
+    if p.exists() or p.is_absolute():
+        return p
+    from backpropagate.settings import get_settings
+
+    uploaded = get_settings().datasets_dir / str(name)
+    return uploaded if uploaded.exists() and ".." not in p.parts else p
+
+
 def read_source(path: str | Path) -> Iterator[tuple[str, Iterator[RawRow]]]:
-    """Yield ``(source name, rows)`` per file of a path, saved data set or hub id."""
-    p = Path(path).expanduser()
+    """Yield ``(source name, rows)`` per file of a path, uploaded or saved data set, or hub id."""
+    p = resolve_data_path(path)
     if is_saved_dataset(p):
         yield str(p), _read_saved_dataset(p)
         return
@@ -221,7 +232,12 @@ def _read_saved_dataset(path: Path) -> Iterator[RawRow]:
 
 def _looks_like_hub_id(name: str) -> bool:
     parts = name.split("/")
-    return len(parts) == 2 and all(parts) and not name.startswith((".", "/", "~"))
+    return (
+        len(parts) == 2
+        and all(parts)
+        and not name.startswith((".", "/", "~"))
+        and not name.lower().endswith(SUFFIXES)
+    )
 
 
 def _read_hub_dataset(name: str) -> Iterator[RawRow]:
