@@ -5,6 +5,7 @@ passlib and argon2 are imported on first use so that importing the package stays
 
 from __future__ import annotations
 
+import warnings
 from functools import lru_cache
 from typing import Any
 
@@ -13,9 +14,15 @@ from backpropagate.errors import BackpropError, ErrorCode
 
 @lru_cache(maxsize=1)
 def _context() -> Any:
-    from passlib.context import CryptContext
+    # passlib 1.7.4 touches the deprecated `crypt` module and argon2.__version__; the warnings
+    # are about passlib's internals, not about anything a user can change.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from passlib.context import CryptContext
 
-    return CryptContext(schemes=["argon2"], deprecated="auto")
+        context = CryptContext(schemes=["argon2"], deprecated="auto")
+        context.hash("warm-up")  # loads the argon2 backend inside the filter
+    return context
 
 
 def require_guard_libraries() -> None:
@@ -25,7 +32,7 @@ def require_guard_libraries() -> None:
         import itsdangerous  # noqa: F401
         import passlib.context  # noqa: F401
 
-        _context().hash("probe")  # passlib reports a missing argon2 backend only when used
+        _context()  # hashes once: passlib reports a missing argon2 backend only when used
     except Exception as exc:  # ImportError, passlib's MissingBackendError, ...
         raise BackpropError(
             ErrorCode.RUNTIME_UI_AUTH_NOT_ENFORCED,

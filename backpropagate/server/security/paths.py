@@ -56,10 +56,16 @@ def _temp_roots() -> list[Path]:
 
 def forbidden_output_roots(home: Path | None = None) -> list[Path]:
     """The folders ``check_output_dir`` refuses (and everything below them)."""
+    return [*_credential_roots(home), *(Path(p).resolve() for p in _SYSTEM_DIRS)]
+
+
+def _credential_roots(home: Path | None = None) -> list[Path]:
     home = (home or Path.home()).expanduser()
-    roots = [Path(p) for p in _SYSTEM_DIRS]
-    roots += [home / p for p in _HOME_CREDENTIAL_DIRS]
-    return [r.resolve() for r in roots]
+    return [(home / p).resolve() for p in _HOME_CREDENTIAL_DIRS]
+
+
+def _inside(path: Path, root: Path) -> bool:
+    return path == root or path.is_relative_to(root)
 
 
 def check_output_dir(path: str | Path) -> Path:
@@ -69,12 +75,13 @@ def check_output_dir(path: str | Path) -> Path:
         raise BackpropError(
             ErrorCode.UI_OUTPUT_DIR_FORBIDDEN, f"The output folder {str(path)!r} is the file system root."
         )
-    if any(resolved == t or resolved.is_relative_to(t) for t in _temp_roots()):
-        return resolved
-    for root in forbidden_output_roots():
-        if resolved == root or resolved.is_relative_to(root):
-            raise BackpropError(
-                ErrorCode.UI_OUTPUT_DIR_FORBIDDEN,
-                f"The output folder {str(path)!r} resolves to {resolved}, inside {root}.",
-            )
+    # Credential folders first: a home folder may itself live under a temporary folder.
+    blocked = [r for r in _credential_roots() if _inside(resolved, r)]
+    if not blocked and not any(_inside(resolved, t) for t in _temp_roots()):
+        blocked = [Path(p).resolve() for p in _SYSTEM_DIRS if _inside(resolved, Path(p).resolve())]
+    if blocked:
+        raise BackpropError(
+            ErrorCode.UI_OUTPUT_DIR_FORBIDDEN,
+            f"The output folder {str(path)!r} resolves to {resolved}, inside {blocked[0]}.",
+        )
     return resolved
