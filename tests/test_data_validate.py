@@ -128,3 +128,27 @@ def test_cli_table_and_failure_exit_code():
     assert bad.stderr.startswith("[DATASET_PARSE_FAILED] examples/bad_rows.jsonl:3: invalid JSON")
     assert "examples/bad_rows.jsonl:7: message 1: unknown role 'narrator'" in bad.stdout
     assert "hint:" in bad.stderr
+
+
+def test_template_refusals_become_report_errors_with_lines(tok):
+    import copy
+
+    strict = copy.deepcopy(tok)
+    strict.chat_template = (
+        "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+        + tok.chat_template
+    )
+    report = validate_dataset(EXAMPLES / "quickstart.jsonl", tokenizer=strict)
+    assert not report.ok
+    # quickstart.jsonl has a system message on every fourth line: 1, 5, 9
+    assert [(e.line, e.code) for e in report.errors] == [(n, "CONFIG_INVALID_SETTING") for n in (1, 5, 9)]
+    assert "System role not supported" in report.errors[0].message
+    assert sum(b.count for b in report.histogram) == 9
+
+
+def test_unloadable_model_is_a_model_load_error(tmp_path):
+    from backpropagate.errors import BackpropError
+
+    with pytest.raises(BackpropError) as exc:
+        validate_dataset(EXAMPLES / "text.jsonl", model=str(tmp_path))
+    assert exc.value.code == ErrorCode.DEP_MODEL_LOAD_FAILED and str(tmp_path) in exc.value.message

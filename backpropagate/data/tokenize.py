@@ -67,7 +67,18 @@ def tokenize_example(
     if example.kind == "text":
         ids, mask = _text_ids(example.text, tokenizer)
     else:
-        ids, mask = _chat_ids(example.sft_messages(), tokenizer, example)
+        try:
+            ids, mask = _chat_ids(example.sft_messages(), tokenizer, example)
+        except BackpropError:
+            raise
+        except Exception as exc:  # jinja raises from inside templates (e.g. "system role not supported")
+            raise BackpropError(
+                ErrorCode.CONFIG_INVALID_SETTING,
+                f"{example.source}:{example.line}: the model's chat template refused this conversation: "
+                f"{type(exc).__name__}: {exc}",
+                hint="Remove the message kind the template refuses (often the system message), "
+                "or pick a model whose template accepts it.",
+            ) from None
     if train_on == "all":
         mask = [True] * len(ids)
     labels = [tok if keep else IGNORE for tok, keep in zip(ids, mask, strict=True)]

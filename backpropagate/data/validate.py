@@ -17,7 +17,7 @@ from pydantic import BaseModel
 from backpropagate.data.formats import Example
 from backpropagate.data.loading import RowIssue, collect
 from backpropagate.data.tokenize import tokenize_example
-from backpropagate.errors import ErrorCode
+from backpropagate.errors import BackpropError, ErrorCode
 
 
 class TokenStats(BaseModel):
@@ -82,7 +82,15 @@ def load_tokenizer_for(model: str) -> Any:
 
     if model in DEMO_NAMES and not is_built(demo_path(model)):
         return build_tokenizer()
-    return load_tokenizer(resolve_model(model))
+    try:
+        return load_tokenizer(resolve_model(model))
+    except BackpropError:
+        raise
+    except Exception as exc:  # hub errors, missing files and bad configs all surface differently
+        raise BackpropError(
+            ErrorCode.DEP_MODEL_LOAD_FAILED,
+            f"Could not load the tokenizer of {model!r}: {type(exc).__name__}: {exc}",
+        ) from None
 
 
 def _percentile(sorted_values: list[int], q: float) -> int:
@@ -161,11 +169,19 @@ def validate_dataset(
     )
     if tokenizer is None and model is not None and examples:
         tokenizer = load_tokenizer_for(model)
-    if tokenizer is not None and examples:
-        lengths = [
-            tokenize_example(ex, tokenizer, max_seq_len=max_seq_len, train_on=train_on).length  # type: ignore[arg-type]
-            for ex in examples
-        ]
+    lengths: list[int] = []
+    if tokenizer is not None:
+        for ex in examples:
+            try:
+                tok = tokenize_example(ex, tokenizer, max_seq_len=max_seq_len, train_on=train_on)  # type: ignore[arg-type]
+            except BackpropError as exc:
+                report.errors.append(
+                    RowIssue(code=str(exc.code), file=ex.source, line=ex.line, message=exc.message)
+                )
+                continue
+            lengths.append(tok.length)
+        report.ok = report.ok and not report.errors
+    if lengths:
         ordered = sorted(lengths)
         report.token_stats = TokenStats(
             min=ordered[0],
