@@ -30,7 +30,6 @@ def require_guard_libraries() -> None:
     try:
         import argon2  # noqa: F401
         import itsdangerous  # noqa: F401
-        import passlib.context  # noqa: F401
 
         _context()  # hashes once: passlib reports a missing argon2 backend only when used
     except Exception as exc:  # ImportError, passlib's MissingBackendError, ...
