@@ -83,15 +83,7 @@ def _failed_event(exc: BaseException, step: int | None) -> Failed:
 def run_worker(run_dir: Path) -> int:
     """Train the run in ``run_dir`` to its end; returns the process exit code."""
     run_dir = Path(run_dir).resolve()
-    (run_dir / "worker.pid").write_text(f"{os.getpid()}\n")
-    log = EventLog(run_dir / "events.jsonl", read_run_id(run_dir))
     control = RunControl()
-    last: dict[str, Any] = {"type": None, "step": None}
-
-    def emit(event: EventBase) -> None:
-        stamped = log.append(event)
-        last["type"] = stamped.type  # type: ignore[attr-defined]
-        last["step"] = getattr(stamped, "step", None) or last["step"]
 
     def on_signal(signum: int, _frame: Any) -> None:
         print(f"signal {signum}: stopping after the current step", flush=True)
@@ -99,6 +91,16 @@ def run_worker(run_dir: Path) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    # Written only once the handlers are in place: the scheduler waits for it before SIGTERM.
+    (run_dir / "worker.pid").write_text(f"{os.getpid()}\n")
+    log = EventLog(run_dir / "events.jsonl", read_run_id(run_dir))
+    last: dict[str, Any] = {"type": None, "step": None}
+
+    def emit(event: EventBase) -> None:
+        stamped = log.append(event)
+        last["type"] = stamped.type  # type: ignore[attr-defined]
+        last["step"] = getattr(stamped, "step", None) or last["step"]
+
     try:
         config = RunConfig.load(run_dir / "config.json")
         run_training = load_engine()

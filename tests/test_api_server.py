@@ -76,6 +76,9 @@ class Server:
     def post(self, path: str, **kw) -> httpx.Response:
         return httpx.post(self.url + path, timeout=30, **kw)
 
+    def delete(self, path: str, **kw) -> httpx.Response:
+        return httpx.delete(self.url + path, timeout=30, **kw)
+
     def wait_status(self, run_id: str, statuses: set[str], timeout: float = 60) -> dict:
         deadline = time.time() + timeout
         while time.time() < deadline:

@@ -199,14 +199,22 @@ class Scheduler:
         worker = self.workers.get(run_id)
         if worker is None:
             return run  # already ended: stopping is idempotent
-        _signal_group(worker.pid, signal.SIGTERM)
         if worker.kill_task is None:
-            worker.kill_task = asyncio.create_task(self._kill_later(worker))
+            worker.kill_task = asyncio.create_task(self._terminate(worker))
         return run
 
-    async def _kill_later(self, worker: Worker) -> None:
-        await asyncio.sleep(self.stop_grace_s)
-        if worker.alive(self.run_dir(worker.run_id)):
+    async def _terminate(self, worker: Worker) -> None:
+        """SIGTERM once the worker can handle it, SIGKILL if it is still alive after the grace period."""
+        run_dir = self.run_dir(worker.run_id)
+        pid_file = run_dir / "worker.pid"
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.stop_grace_s
+        # A SIGTERM before the worker installed its handler would kill it without a checkpoint.
+        while worker.alive(run_dir) and loop.time() < deadline and _read_pid(pid_file) != worker.pid:
+            await asyncio.sleep(0.02)
+        _signal_group(worker.pid, signal.SIGTERM)
+        await asyncio.sleep(max(deadline - loop.time(), 0))
+        if worker.alive(run_dir):
             log.warning("run %s did not stop in %.0f s: killing it", worker.run_id, self.stop_grace_s)
             _signal_group(worker.pid, signal.SIGKILL)
 
@@ -250,6 +258,13 @@ class Scheduler:
 def _append_cancelled(run_dir: Path, run_id: str) -> None:
     with EventLog(run_dir / "events.jsonl", run_id) as events:
         events.append(Cancelled())
+
+
+def _read_pid(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
 
 
 def _signal_group(pid: int, sig: int) -> None:
