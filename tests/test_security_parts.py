@@ -78,3 +78,13 @@ def test_security_cookie_helpers() -> None:
     assert read_cookie(header, "backprop_session_7860") == "abc.def"
     assert read_cookie(header, "missing") is None
     assert drop_cookie(header, "backprop_session_7860") == "theme=dark; lang=en"
+
+
+def test_security_reflex_socket_token_is_not_a_login_attempt() -> None:
+    from backpropagate.server.security.ratelimit import carries_credentials
+
+    reflex_socket = {"type": "websocket", "path": "/_event/", "headers": [], "query_string": b"token=abc&EIO=4"}
+    assert not carries_credentials(reflex_socket)
+    page = {"type": "http", "method": "GET", "path": "/", "headers": [], "query_string": b"token=abc"}
+    assert carries_credentials(page)
+    assert carries_credentials({**page, "query_string": b"", "headers": [(b"authorization", b"Basic x")]})

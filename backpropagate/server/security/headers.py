@@ -5,10 +5,11 @@ from __future__ import annotations
 from backpropagate.server.security.asgi import ASGIApp, Message, Receive, Scope, Send
 
 # Reflex's production bundle injects inline styles and a small inline bootstrap script, so both
-# need 'unsafe-inline'; the socket goes to the page's own host (ws: or wss:).
+# need 'unsafe-inline'; its event loop runs rx.call_script / call_function through eval(), hence
+# 'unsafe-eval'. The socket goes to the page's own host (ws: or wss:).
 DEFAULT_CSP = (
     "default-src 'self'; "
-    "script-src 'self' 'unsafe-inline'; "
+    "script-src 'self' 'unsafe-inline' 'unsafe-eval'; "
     "style-src 'self' 'unsafe-inline'; "
     "img-src 'self' data: blob:; "
     "font-src 'self' data:; "

@@ -74,7 +74,8 @@ def carries_credentials(scope: Scope) -> bool:
         return True
     if header(scope, "authorization") is not None:
         return True
-    return "token" in parse_qs(scope.get("query_string", b"").decode("latin-1"))
+    # Only HTTP: Reflex's own socket carries an unrelated ``?token=`` (its client id) on /_event.
+    return scope["type"] == "http" and "token" in parse_qs(scope.get("query_string", b"").decode("latin-1"))
 
 
 class RateLimit:
