@@ -42,7 +42,9 @@ def run_training(config, run_dir, emit, control=None):
     step_s = float(os.environ.get("BACKPROPAGATE_STANDIN_STEP_S", "0.05"))
     fail_at = int(os.environ.get("BACKPROPAGATE_STANDIN_FAIL_AT", "0"))
     start = _last_checkpoint(Path(run_dir))
-    emit(RunStarted(pid=os.getpid(), resumed_from_step=start or None, total_steps=total, device="cpu"))
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    device = f"cuda:{visible}" if visible else "cpu"  # reports what the scheduler gave it
+    emit(RunStarted(pid=os.getpid(), resumed_from_step=start or None, total_steps=total, device=device))
     for step in range(start + 1, total + 1):
         time.sleep(step_s)
         if step == fail_at:

@@ -211,9 +211,14 @@ class EventHub:
                 for event in history:
                     yield event
                     last = event.seq
-                ended_final = bool(history) and history[-1].type in FINAL_TYPES  # type: ignore[attr-defined]
-                if not self.is_live(run_id) and (ended_final or not await self._may_start(run_id)):
-                    return
+                if not self.is_live(run_id):
+                    # No tail: the log is complete unless the run waits in the queue. It may
+                    # have grown while the history above was sent, so read it to the end.
+                    for event in await asyncio.to_thread(_read_after, path, last):
+                        yield event
+                        last = event.seq
+                    if not await self._may_start(run_id):
+                        return
                 resync = False
                 while not resync:
                     try:
