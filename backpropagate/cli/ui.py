@@ -1,0 +1,35 @@
+"""`backprop ui`: start the web app (see backpropagate/launcher for what happens)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def ui(
+        host: str = typer.Option("127.0.0.1", help="Interface to bind; non-loopback needs --auth."),
+        port: int = typer.Option(7860, min=1, max=65535, help="Port for the page, its socket and /api."),
+        auth: str | None = typer.Option(None, help="user:password for HTTP login."),
+        auth_file: Path | None = typer.Option(None, help="File (mode 600) holding user:password."),
+        users: Path | None = typer.Option(None, help="File of user accounts (one user:password a line)."),
+        share: bool = typer.Option(False, help="Publish through a Cloudflare tunnel (needs --auth)."),
+        no_browser: bool = typer.Option(False, "--no-browser", help="Do not open a browser."),
+    ) -> None:
+        """Start the web app: one port serves the page, its live socket and the API."""
+        from backpropagate.launcher import LaunchOptions, launch
+
+        code = launch(
+            LaunchOptions(
+                host=host,
+                port=port,
+                auth=auth,
+                auth_file=auth_file,
+                users_file=users,
+                share=share,
+                open_browser=not no_browser,
+            )
+        )
+        raise typer.Exit(code)

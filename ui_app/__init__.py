@@ -1,0 +1,1 @@
+"""The Backpropagate web app (Reflex). Start it with `backprop ui`, never directly."""
