@@ -113,3 +113,19 @@ def test_truncation_cuts_to_max_seq_len_and_says_so(tok):
     cut = tokenize_example(ex, tok, max_seq_len=20)
     assert cut.truncated and cut.length == len(full.input_ids) > 20
     assert cut.input_ids == full.input_ids[:20] and cut.labels == full.labels[:20]
+
+
+def test_template_that_injects_a_default_system_prompt(tok):
+    # Like several hub models' templates: a default system turn when the data has none, and no
+    # generation blocks, so assistant turns are found by rendering each prefix.
+    injecting = copy.deepcopy(tok)
+    injecting.chat_template = (
+        "{% if messages[0]['role'] != 'system' %}<|im_start|>system\nYou are helpful.<|im_end|>\n{% endif %}"
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    for ex in load_examples(EXAMPLES / "sharegpt.jsonl").examples[:6]:
+        t = tokenize_example(ex, injecting, max_seq_len=4096)
+        expected = [m["content"] + END for m in ex.messages if m["role"] == "assistant"]
+        assert trained_runs(tok, t.input_ids, t.labels) == expected
+        assert tok.decode(t.input_ids).startswith("<|im_start|>system\n")
