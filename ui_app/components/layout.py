@@ -16,7 +16,12 @@ def nav_link(label: str, href: str) -> rx.Component:
 def header() -> rx.Component:
     return rx.flex(
         rx.link(
-            rx.hstack(rx.icon("activity", size=20), rx.heading("Backpropagate", size="4"), spacing="2"),
+            rx.hstack(
+                rx.icon("activity", size=20),
+                rx.heading("Backpropagate", size="4"),
+                spacing="2",
+                margin_right="1em",
+            ),
             href="/",
             underline="none",
             aria_label="Backpropagate home",

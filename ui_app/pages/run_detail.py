@@ -209,7 +209,15 @@ def run_detail_page() -> rx.Component:
             rx.cond(s.error != "", rx.callout(s.error, color_scheme="red", icon="triangle_alert")),
             _controls(),
             rx.hstack(
-                rx.text("Step ", summary["step"].to(str), " / ", summary["total_steps"].to(str), size="2"),
+                rx.text(
+                    "Step ",
+                    summary["step"].to(str),
+                    " / ",
+                    summary["total_steps"].to(str),
+                    size="2",
+                    white_space="nowrap",
+                    id="step-text",
+                ),
                 progress(summary["progress"].to(int)),
                 width="100%",
                 align="center",

@@ -1,0 +1,180 @@
+"""The web app in a real browser against the real `backprop ui` server: data, a live run, compare.
+
+The tests in this module run in order on one signed-in page: each step builds on the last
+(upload → start → watch → stop → resume → reload → complete → clone → compare).
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+from playwright.sync_api import Page, expect
+
+REPO = Path(__file__).resolve().parents[2]
+ARTIFACTS = REPO / "test-artifacts"
+pytestmark = pytest.mark.e2e
+
+DOCS_IMAGES = REPO / "docs" / "images"
+EXAMPLES = REPO / "examples"
+# Small enough to finish in a minute or two on a CPU, long enough to stop and resume mid-run.
+RUN_STEPS = 40
+STATE: dict[str, str] = {}
+
+
+def shot(page: Page, name: str, docs: bool = False) -> None:
+    ARTIFACTS.mkdir(exist_ok=True)
+    path = ARTIFACTS / f"ui-{name}.png"
+    page.screenshot(path=str(path), full_page=True)
+    if docs:
+        DOCS_IMAGES.mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, DOCS_IMAGES / f"{name}.png")
+
+
+def points(page: Page) -> int:
+    return int(page.inner_text("#point-count").split()[0])
+
+
+def wait_points(page: Page, at_least: int, timeout_s: float) -> int:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        n = points(page)
+        if n >= at_least:
+            return n
+        page.wait_for_timeout(500)
+    raise AssertionError(f"the loss chart stayed at {points(page)} points (wanted {at_least})")
+
+
+def status(page: Page) -> str:
+    return page.locator(".run-status").first.inner_text().strip()
+
+
+def wait_status(page: Page, wanted: set[str], timeout_s: float) -> str:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if status(page) in wanted:
+            return status(page)
+        page.wait_for_timeout(500)
+    raise AssertionError(f"status stayed {status(page)!r}, wanted one of {sorted(wanted)}")
+
+
+def test_header_shows_mode_and_pages_render(ui: Page, ui_server) -> None:  # noqa: ANN001
+    ui.goto(ui_server.base + "/")
+    expect(ui.locator("#mode-badge")).to_have_text("Local", timeout=20000)
+    expect(ui.locator("#no-runs")).to_be_visible()
+    shot(ui, "runs-empty")
+    for route, marker in (("/export", "#export-missing"), ("/chat", "#chat-missing")):
+        ui.goto(ui_server.base + route)
+        expect(ui.locator(marker)).to_contain_text("not available yet")
+        shot(ui, route.strip("/"))
+
+
+def test_upload_shows_validation_errors_with_line_numbers(ui: Page, ui_server) -> None:  # noqa: ANN001
+    ui.goto(ui_server.base + "/new")
+    ui.set_input_files("#dataset-upload input[type=file]", str(EXAMPLES / "bad_rows.jsonl"))
+    errors = ui.locator("#data-errors")
+    expect(errors).to_be_visible(timeout=60000)
+    # bad_rows.jsonl line 3 is malformed JSON; the report names the line
+    expect(errors).to_contain_text(re.compile(r"\.jsonl:3\b"))
+    shot(ui, "new-run-errors")
+
+
+def test_upload_shows_preview_and_starts_a_run(ui: Page, ui_server) -> None:  # noqa: ANN001
+    ui.goto(ui_server.base + "/new")
+    ui.set_input_files("#dataset-upload input[type=file]", str(EXAMPLES / "quickstart.jsonl"))
+    expect(ui.locator("#data-preview .chat-bubble").first).to_be_visible(timeout=60000)
+    expect(ui.locator("#data-summary")).to_contain_text("usable rows")
+    expect(ui.locator("#data-errors")).to_have_count(0)
+    expect(ui.locator("#token-histogram")).to_be_visible()
+    ui.fill("#field-name", "e2e first")
+    ui.fill("#field-steps", str(RUN_STEPS))
+    ui.fill("#field-max_seq_len", "64")
+    ui.fill("#field-save_every", "5")
+    ui.fill("#field-eval_every", "10")
+    shot(ui, "new-run", docs=True)
+    ui.click("#start-run")
+    ui.wait_for_url(re.compile(r".*/runs/[\w-]+$"), timeout=30000)
+    STATE["run"] = ui.url.rsplit("/", 1)[1]
+    expect(ui.locator("#run-name")).to_have_text("e2e first", timeout=20000)
+
+
+def test_loss_chart_grows_without_reload(ui: Page) -> None:
+    assert "run" in STATE, "needs the run started by the previous test"
+    first = wait_points(ui, 2, timeout_s=240)
+    url = ui.url
+    grown = wait_points(ui, first + 2, timeout_s=60)
+    assert ui.url == url and grown > first
+    # the chart draws the points it was given (one SVG path per series)
+    expect(ui.locator("#loss-chart .recharts-line-curve").first).to_be_visible()
+    shot(ui, "run-page", docs=True)
+
+
+def test_stop_then_resume(ui: Page) -> None:
+    ui.click("#stop-run")
+    wait_status(ui, {"cancelled"}, timeout_s=60)
+    stopped_at = points(ui)
+    expect(ui.locator("#timeline")).to_contain_text("Stopped")
+    shot(ui, "run-stopped")
+    ui.click("#resume-run")
+    wait_status(ui, {"queued", "running"}, timeout_s=30)
+    wait_points(ui, stopped_at + 1, timeout_s=180)
+    expect(ui.locator("#timeline")).to_contain_text("Resumed from step")
+
+
+def test_reload_mid_run_shows_every_step(ui: Page) -> None:
+    before = points(ui)
+    ui.reload()
+    n = wait_points(ui, max(before, 1), timeout_s=30)
+    # no gap: one chart point per step so far (log_every=1), however the page was (re)loaded
+    step = int(ui.inner_text("#step-text").split()[1])
+    assert n == step, f"{n} points for step {step}"
+    wait_status(ui, {"completed"}, timeout_s=300)
+    expect(ui.locator("#final-metrics")).to_be_visible(timeout=20000)
+    assert points(ui) == RUN_STEPS
+    shot(ui, "run-completed")
+
+
+def test_runs_table_and_compare_two_runs(ui: Page, ui_server) -> None:  # noqa: ANN001
+    ui.click("#clone-run")
+    ui.wait_for_url(re.compile(r".*/runs/[\w-]+$"), timeout=30000)
+    clone = ui.url.rsplit("/", 1)[1]
+    assert clone != STATE["run"]
+    wait_status(ui, {"completed"}, timeout_s=300)
+    ui.goto(ui_server.base + "/")
+    rows = ui.locator("#runs-table .run-row")
+    expect(rows).to_have_count(2, timeout=20000)
+    expect(ui.locator("#runs-table")).to_contain_text("completed")
+    shot(ui, "runs", docs=True)
+    ui.goto(f"{ui_server.base}/compare?runs={STATE['run']},{clone}")
+    expect(ui.locator("#compare-chart .recharts-line-curve")).to_have_count(2, timeout=30000)
+    # the clone differs from the original by its name only
+    expect(ui.locator("#config-diff")).to_contain_text("name")
+    expect(ui.locator("#config-diff")).to_contain_text("(copy)")
+    shot(ui, "compare", docs=True)
+
+
+def test_phone_width_layout(ui: Page, ui_server) -> None:  # noqa: ANN001
+    ui.set_viewport_size({"width": 390, "height": 844})
+    ui.goto(f"{ui_server.base}/runs/{STATE['run']}")
+    expect(ui.locator("#run-name")).to_be_visible(timeout=20000)
+    # nothing wider than the screen: the page does not scroll sideways
+    assert ui.evaluate("document.documentElement.scrollWidth") <= 390 + 1
+    shot(ui, "run-page-phone")
+    ui.set_viewport_size({"width": 1280, "height": 900})
+
+
+def test_page_weight(ui: Page, ui_server) -> None:  # noqa: ANN001
+    """Bytes the browser transfers for a first load of the runs page (reported, loosely bounded)."""
+    sizes: list[int] = []
+    context = ui.context.browser.new_context()
+    page = context.new_page()
+    page.on("response", lambda r: sizes.append(int(r.headers.get("content-length") or len(r.body() or b""))))
+    page.goto(ui_server.login_url)
+    page.wait_for_selector("#runs-table", timeout=30000)
+    context.close()
+    total = sum(sizes)
+    (ARTIFACTS / "ui-page-weight.txt").write_text(f"{total} bytes in {len(sizes)} responses\n")
+    assert 0 < total < 5 * 2**20, total
