@@ -96,15 +96,18 @@ def tiny_llama(attn: str):
     return LlamaForCausalLM(config).eval()
 
 
+@pytest.mark.parametrize("attention", ["4d", "position_ids"])
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
-def test_packed_logits_and_loss_equal_each_example_alone(attn):
+def test_packed_logits_and_loss_equal_each_example_alone(attn, attention):
     model = tiny_llama(attn)
-    examples = make_examples([5, 9, 3, 12, 7, 16, 2], seed=3)
+    examples = make_examples([5, 9, 3, 12, 7, 16, 2, 1], seed=3)
     packed = pack(examples, 20)
     assert any(len(p["seq_lens"]) > 1 for p in packed)
-    batch = collate(packed, pad_id=0)
+    batch = collate(packed, pad_id=0, attention=attention)
+    assert ("attention_mask" in batch) == (attention == "4d")
     with torch.no_grad():
-        out = model(**batch)
+        # No cache: with one, transformers would not look for example boundaries in position_ids.
+        out = model(**batch, use_cache=False)
         total_loss, total_tokens = 0.0, 0
         for r, row in enumerate(packed):
             start = 0
@@ -114,6 +117,9 @@ def test_packed_logits_and_loss_equal_each_example_alone(attn):
                 alone = model(input_ids=ids, labels=labels)
                 assert torch.allclose(alone.logits[0], out.logits[r, start : start + n], atol=1e-5)
                 trained = int((labels[0, 1:] != IGNORE).sum())
+                if trained == 0:
+                    start += n
+                    continue
                 total_loss += alone.loss.item() * trained
                 total_tokens += trained
                 start += n
@@ -122,11 +128,14 @@ def test_packed_logits_and_loss_equal_each_example_alone(attn):
 
 
 def test_without_the_mask_packed_examples_do_contaminate_each_other():
-    # The control for the test above: plain causal attention over a packed row leaks.
+    # The control for the test above: plain causal attention over a packed row leaks, and so
+    # do position ids alone when a cache is in play (transformers then skips boundary detection).
     model = tiny_llama("sdpa")
     row = pack(make_examples([6, 6], seed=4), 12)[0]
-    ids = torch.tensor([row["input_ids"]])
+    batch = collate([row], pad_id=0, attention="position_ids")
     with torch.no_grad():
-        leaky = model(input_ids=ids).logits[0, 6:]
-        alone = model(input_ids=ids[:, 6:]).logits[0]
+        alone = model(input_ids=batch["input_ids"][:, 6:]).logits[0]
+        leaky = model(input_ids=batch["input_ids"], use_cache=False).logits[0, 6:]
+        cached = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits[0, 6:]
     assert not torch.allclose(leaky, alone, atol=1e-3)
+    assert not torch.allclose(cached, alone, atol=1e-3)

@@ -2,9 +2,11 @@
 
 A packed sequence concatenates whole examples; ``position_ids`` restart at 0 for each one and
 ``seq_lens`` records their lengths, so attention stays inside each example. :func:`collate`
-turns a batch into tensors: for packed rows a block-diagonal causal 4D mask (eager/SDPA, any
-device) or, with ``attention="position_ids"``, no mask at all so that flash-attention kernels
-split the sequences by position ids. Unpacked rows are padded to the longest with labels -100.
+turns a batch into tensors: for packed rows a block-diagonal causal 4D mask (any attention
+implementation, any device) or, with ``attention="position_ids"``, no mask at all: transformers
+then finds the example boundaries from the position ids itself, which it only does when the
+forward pass gets no attention mask and no cache (call the model with ``use_cache=False``).
+Unpacked rows are padded to the longest with labels -100.
 """
 
 from __future__ import annotations
