@@ -1,0 +1,153 @@
+"""``Trainer``: the Python API, training in this process with the same engine as the worker.
+
+    from backpropagate import Trainer
+
+    trainer = Trainer("demo", lora_r=8, lr=1e-3)
+    result = trainer.train("examples/quickstart.jsonl", steps=20)
+    print(result.final_loss, result.adapter_path)
+
+Each ``train()`` is a run under ``BACKPROPAGATE_HOME/runs/<run_id>/`` with the same files a run
+started from the web app has (config.json, events.jsonl, checkpoints/, adapter/).
+"""
+
+from __future__ import annotations
+
+import shutil
+import warnings
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from backpropagate.config import RunConfig
+from backpropagate.errors import BackpropError, ErrorCode
+from backpropagate.events import EventBase, EventLog
+from backpropagate.logs import get_logger
+from backpropagate.settings import get_settings
+from backpropagate.training.result import TrainResult
+from backpropagate.training.run_ids import new_run_id
+
+Callback = Callable[[EventBase], None]
+
+__all__ = ["Trainer", "TrainResult"]
+
+
+class Trainer:
+    """Fine-tune ``model`` with any :class:`RunConfig` fields given as keyword overrides."""
+
+    def __init__(self, model: str = "demo", **overrides: Any) -> None:
+        unknown = sorted(set(overrides) - set(RunConfig.model_fields))
+        if unknown:
+            raise BackpropError(
+                ErrorCode.CONFIG_INVALID,
+                f"Unknown Trainer option(s): {', '.join(unknown)}; options are RunConfig fields "
+                "(see `backprop train --help`).",
+            )
+        self.model = model
+        self.overrides = overrides
+        self.result: TrainResult | None = None
+        self.config: RunConfig | None = None
+        self._log = get_logger(__name__)
+
+    def make_config(
+        self, data: str | Path, steps: int | None = None, epochs: float | None = None
+    ) -> RunConfig:
+        """The validated RunConfig a ``train()`` call would use (CONFIG_INVALID lists every problem)."""
+        fields: dict[str, Any] = {**self.overrides, "model": self.model, "data": str(data)}
+        if steps is not None:
+            fields["steps"] = steps
+        if epochs is not None:
+            fields["epochs"] = epochs
+        return RunConfig.parse(fields)
+
+    def train(
+        self,
+        data: str | Path,
+        steps: int | None = None,
+        epochs: float | None = None,
+        callbacks: Iterable[Callback] | None = None,
+    ) -> TrainResult:
+        """Train on ``data`` (file, folder or hub id); ``callbacks`` receive every event as it happens."""
+        from backpropagate.training import run_training
+
+        config = self.make_config(data, steps, epochs)
+        run_id = new_run_id()
+        run_dir = get_settings().runs_dir / run_id
+        run_dir.mkdir(parents=True, exist_ok=True)
+        config.save(run_dir / "config.json")
+        log = self._log.bind(run_id=run_id)
+        log.info("training %s on %s in %s", config.model, config.data, run_dir)
+        hooks = list(callbacks or [])
+        with EventLog(run_dir / "events.jsonl", run_id) as events:
+
+            def emit(event: EventBase) -> None:
+                stamped = events.append(event)
+                for hook in hooks:
+                    hook(stamped)
+
+            result = run_training(config, run_dir, emit)
+        self.config, self.result = config, result
+        log.info("run %s: %s at step %d, loss %s", run_id, result.status, result.step, result.final_loss)
+        return result
+
+    def evaluate(self, data: str | Path | None = None) -> dict[str, float]:
+        """Loss and perplexity of the trained model on ``data`` (default: the run's held-out split)."""
+        if self.result is None or self.result.adapter_path is None or self.config is None:
+            raise BackpropError(ErrorCode.STATE_NOT_FOUND, "Nothing to evaluate yet: call train() first.")
+        from functools import partial
+
+        from backpropagate.data import collate, prepare_datasets
+        from backpropagate.training.backends import load_tokenizer
+        from backpropagate.training.evaluation import evaluate
+
+        config = self.config
+        if data is not None:
+            config = config.model_copy(update={"eval_data": str(data)})
+        tokenizer = load_tokenizer(str(self.result.adapter_path))
+        prepared = prepare_datasets(config, tokenizer)
+        rows = prepared.eval or prepared.train  # no held-out split: report the training loss
+        model, device = _load_trained(config, self.result.adapter_path)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        batch = config.batch_size if isinstance(config.batch_size, int) else 1
+        loss, ppl = evaluate(model, rows, partial(collate, pad_id=pad), batch_size=batch, device=device)
+        return {"loss": loss, "perplexity": ppl}
+
+    def save(self, path: str | Path) -> Path:
+        """Copy the trained adapter (or full model) to ``path``.
+
+        Before ``train()`` this writes the freshly initialised adapter, which has learned nothing:
+        useful to check an export pipeline, surprising otherwise, so it warns.
+        """
+        out = Path(path).expanduser()
+        if self.result is not None and self.result.adapter_path is not None:
+            shutil.copytree(self.result.adapter_path, out, dirs_exist_ok=True)
+            return out
+        message = (
+            f"Trainer.save({str(out)!r}) was called before train(): writing the untrained initial "
+            "adapter, which has learned nothing yet. Call train() first to save a trained one."
+        )
+        warnings.warn(message, UserWarning, stacklevel=2)
+        self._log.warning(message)
+        from backpropagate.training.backends import load_model
+
+        config = RunConfig.parse({**self.overrides, "model": self.model, "data": "(none)"})
+        loaded = load_model(config, emit=lambda _event: None)
+        out.mkdir(parents=True, exist_ok=True)
+        loaded.model.save_pretrained(out)
+        loaded.tokenizer.save_pretrained(out)
+        return out
+
+
+def _load_trained(config: RunConfig, adapter_path: Path) -> tuple[Any, Any]:
+    """The base model with the trained adapter applied (or the fully fine-tuned model)."""
+    from backpropagate.training.backends import pick_device, resolve_model_path
+
+    device = pick_device(config)
+    if config.method == "full":
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(adapter_path).to(device), device
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(resolve_model_path(config.model))
+    return PeftModel.from_pretrained(base, adapter_path).to(device), device

@@ -1,0 +1,544 @@
+"""Supervised fine-tuning, as one recipe: setup -> fit -> save.
+
+We run our own loop rather than TRL's ``SFTTrainer``. The loop is ~150 lines we can read, and it
+owns the three things this product promises: (1) exact resume: a checkpoint stores the data
+position, RNG states, optimizer and scheduler, and the loop restarts at that optimizer step with
+nothing hidden in a framework's callbacks; (2) OOM recovery at the same step: an optimizer step is
+a fixed list of examples, so a failed step can be redone from its start with a smaller micro-batch
+and the same effective batch; (3) events: every step, eval and checkpoint is reported as it
+happens. Loss is normalised by the loss-carrying tokens of the whole optimizer step
+(``num_items_in_batch``), so how a step is split into micro-batches does not change its gradient.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from backpropagate.config import RunConfig
+from backpropagate.errors import BackpropError, ErrorCode
+from backpropagate.events import (
+    Cancelled,
+    Checkpoint,
+    Completed,
+    Eval,
+    EventBase,
+    OomRecovered,
+    RunStarted,
+    Status,
+    Step,
+    Warning_,
+)
+from backpropagate.logs import get_logger
+from backpropagate.training import checkpoints as ckpt
+from backpropagate.training.backends import (
+    LoadedModel,
+    check_machine,
+    count_parameters,
+    load_model,
+    load_tokenizer,
+    pick_device,
+    resolve_model_path,
+)
+from backpropagate.training.control import RunControl
+from backpropagate.training.data_order import DataOrder, DataPosition, label_tokens, split_micro_batches
+from backpropagate.training.evaluation import evaluate, to_device
+from backpropagate.training.faults import FaultInjector
+from backpropagate.training.optim import build_optimizer, build_scheduler, choose_micro_batch, total_steps
+from backpropagate.training.result import TrainResult
+
+Emit = Callable[[EventBase], None]
+MAX_OOM_RETRIES_AT_MIN = 3
+
+
+@dataclass
+class TrainState:
+    """Everything about the loop's progress that a checkpoint must carry."""
+
+    step: int = 0
+    position: DataPosition = field(default_factory=DataPosition)
+    micro_batch: int = 1
+    grad_accum: int = 1
+    effective_batch: int = 1
+    tokens_seen: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    eval_history: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_json(self, run_id: str, seed: int) -> dict[str, Any]:
+        return {
+            "run_id": run_id,
+            "epoch": self.position.epoch,
+            "index": self.position.index,
+            "data_seed": seed,
+            "micro_batch": self.micro_batch,
+            "grad_accum": self.grad_accum,
+            "effective_batch": self.effective_batch,
+            "tokens_seen": self.tokens_seen,
+            "history": self.history,
+            "eval_history": self.eval_history,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> TrainState:
+        return cls(
+            step=data["step"],
+            position=DataPosition(data["epoch"], data["index"]),
+            micro_batch=data["micro_batch"],
+            grad_accum=data["grad_accum"],
+            effective_batch=data["effective_batch"],
+            tokens_seen=data.get("tokens_seen", 0),
+            history=data.get("history", []),
+            eval_history=data.get("eval_history", []),
+        )
+
+    @property
+    def last_eval_loss(self) -> float | None:
+        return self.eval_history[-1]["loss"] if self.eval_history else None
+
+
+@dataclass
+class Run:
+    """What setup() builds and fit() uses."""
+
+    config: RunConfig
+    run_dir: Path
+    run_id: str
+    emit: Emit
+    control: RunControl
+    loaded: LoadedModel
+    train: list[dict[str, Any]]
+    eval: list[dict[str, Any]]
+    collate: Callable[[list[dict[str, Any]]], dict[str, Any]]
+    optimizer: Any
+    scheduler: Any
+    scaler: Any
+    order: DataOrder
+    state: TrainState
+    total_steps: int
+    faults: FaultInjector
+    resumed_from_step: int | None = None
+
+    @property
+    def ckpt_root(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+
+def run_training(
+    config: RunConfig, run_dir: Path, emit: Emit, control: RunControl | None = None
+) -> TrainResult:
+    """Train ``config`` in ``run_dir``, resuming from its last good checkpoint; see the package docstring."""
+    import torch
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    try:
+        run = setup(config, run_dir, emit, control or RunControl())
+        monitor = _start_monitor(config, emit, run.control)
+        try:
+            result = fit(run)
+        finally:
+            if monitor is not None:
+                monitor.stop()
+        if result.status == "completed":
+            save(run, result, started)
+        return result
+    except torch.cuda.OutOfMemoryError as exc:  # outside a training step: loading, evaluation
+        raise BackpropError(
+            ErrorCode.RUNTIME_GPU_OOM, f"Out of memory outside a training step: {exc}"
+        ) from exc
+
+
+# 1. Setup: validate against the machine, load data and model, restore a checkpoint ---------------
+def setup(config: RunConfig, run_dir: Path, emit: Emit, control: RunControl) -> Run:
+    import torch
+    from transformers import set_seed
+
+    from backpropagate.data import collate, prepare_datasets
+
+    run_id = run_dir.name
+    log = get_logger(__name__, run_id=run_id)
+    device = pick_device(config)
+    check_machine(config, device)  # fail before minutes of loading, not after
+
+    emit(Status(status="running", phase="loading_model", message=f"Loading {config.model}"))
+    model_path = resolve_model_path(config.model)
+    tokenizer = load_tokenizer(model_path)
+    emit(Status(status="running", phase="preparing_data", message=f"Reading {config.data}"))
+    data = prepare_datasets(config, tokenizer)
+    log.info("data: %d train / %d eval examples", len(data.train), len(data.eval))
+
+    micro_batch, checkpointing = choose_micro_batch(config, model_path, device)
+    set_seed(config.seed)
+    loaded = load_model(config, emit, tokenizer=tokenizer, gradient_checkpointing=checkpointing)
+    trainable, total = count_parameters(loaded.model)
+    log.info(
+        "model %s on %s (%s, %s): %d of %d parameters trainable",
+        model_path, device, loaded.backend, loaded.precision, trainable, total,
+    )  # fmt: skip
+
+    state = TrainState(micro_batch=micro_batch, grad_accum=config.grad_accum)
+    state.effective_batch = micro_batch * config.grad_accum
+    steps = total_steps(config, len(data.train), state.effective_batch)
+    optimizer = build_optimizer(config, loaded.model)
+    scheduler = build_scheduler(config, optimizer, steps)
+    fp16 = loaded.device.type == "cuda" and loaded.precision == "fp16"
+    scaler = torch.amp.GradScaler("cuda") if fp16 else None
+    # Packed rows carry an additive float mask; it must match the attention's dtype.
+    mask_dtype = loaded.dtype if loaded.device.type == "cuda" else torch.float32
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    run = Run(
+        config=config,
+        run_dir=run_dir,
+        run_id=run_id,
+        emit=emit,
+        control=control,
+        loaded=loaded,
+        train=list(data.train),
+        eval=list(data.eval),
+        collate=partial(collate, pad_id=pad_id, dtype=mask_dtype),
+        optimizer=optimizer,
+        scheduler=scheduler,
+        scaler=scaler,
+        order=DataOrder(len(data.train), config.seed),
+        state=state,
+        total_steps=steps,
+        faults=FaultInjector(),
+    )
+    _restore(run, log)
+    emit(
+        RunStarted(
+            pid=os.getpid(),
+            resumed_from_step=run.resumed_from_step,
+            config=config.model_dump(mode="json"),
+            backend=loaded.backend,
+            device=str(device),
+            total_steps=steps,
+        )
+    )
+    return run
+
+
+def _restore(run: Run, log: Any) -> None:
+    """Continue from the newest checkpoint that verifies; report (and skip) broken newer ones."""
+    loaded, skipped = ckpt.load_latest_checkpoint(run.ckpt_root)
+    for err in skipped:
+        run.emit(Warning_(code=str(err.code), message=err.message, hint=err.hint))
+    if loaded is None:
+        return
+    ckpt.apply_weights(run.loaded.model, loaded.weights)
+    run.optimizer.load_state_dict(loaded.optimizer)
+    run.scheduler.load_state_dict(loaded.scheduler["scheduler"])
+    if run.scaler is not None and "scaler" in loaded.scheduler:
+        run.scaler.load_state_dict(loaded.scheduler["scaler"])
+    run.state = TrainState.from_json(loaded.state)
+    ckpt.restore_rng(loaded.rng)
+    run.resumed_from_step = run.state.step
+    log.info("resumed from %s (step %d)", loaded.path, run.state.step)
+
+
+# 2. Fit: optimizer steps until done or stopped -----------------------------------------------------
+def fit(run: Run) -> TrainResult:
+    config, state, control = run.config, run.state, run.control
+    model = run.loaded.model
+    model.train()
+    run.emit(Status(status="running", phase="training", message=f"{run.total_steps} steps"))
+
+    while state.step < run.total_steps:
+        # Between optimizer steps only: a step is never cut in half.
+        if not control.stop_requested:
+            control.wait_while_paused()
+        if control.stop_requested:
+            return _stop(run)
+
+        step = state.step + 1
+        indices, next_position = run.order.take(state.position, _step_size(run, step))
+        examples = [run.train[i] for i in indices]
+        began = time.perf_counter()
+        loss, grad_norm, lr = _optimizer_step(run, step, examples)
+        elapsed = time.perf_counter() - began
+
+        tokens = sum(len(ex["input_ids"]) for ex in examples)
+        state.step, state.position = step, next_position
+        state.tokens_seen += tokens
+        record = {
+            "step": step,
+            "loss": loss,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "epoch": round(run.order.epoch_progress(state.position), 4),
+            "tokens_per_s": tokens / elapsed if elapsed > 0 else None,
+            "micro_batch": state.micro_batch,
+            "grad_accum": state.grad_accum,
+        }
+        state.history.append(record)
+        if step % config.log_every == 0 or step == run.total_steps:
+            run.emit(Step(total_steps=run.total_steps, **record))
+
+        if config.eval_every and step % config.eval_every == 0 and step < run.total_steps:
+            _evaluate(run, step)
+        if step % config.save_every == 0 and step < run.total_steps:
+            _checkpoint(run)
+
+    if run.eval and (not state.eval_history or state.eval_history[-1]["step"] != state.step):
+        _evaluate(run, state.step)
+    last_eval = state.eval_history[-1] if state.eval_history else {}
+    return TrainResult(
+        status="completed",
+        run_id=run.run_id,
+        run_dir=run.run_dir,
+        step=state.step,
+        total_steps=run.total_steps,
+        final_loss=state.history[-1]["loss"] if state.history else None,
+        eval_loss=last_eval.get("loss"),
+        perplexity=last_eval.get("perplexity"),
+        resumed_from_step=run.resumed_from_step,
+        history=list(state.history),
+        eval_history=list(state.eval_history),
+    )
+
+
+def _step_size(run: Run, step: int) -> int:
+    """Examples in optimizer step ``step``: the effective batch, except that a run measured in
+    epochs stops at exactly that many passes (its last step may be smaller)."""
+    eff = run.state.effective_batch
+    if run.config.steps:
+        return eff
+    budget = math.ceil(run.config.epochs * len(run.train))
+    return max(1, min(eff, budget - (step - 1) * eff))
+
+
+def _optimizer_step(run: Run, step: int, examples: list[dict[str, Any]]) -> tuple[float, float, float]:
+    """One optimizer step over ``examples``; on OOM, shrink the micro-batch and redo it from its start."""
+    import torch
+
+    state, config = run.state, run.config
+    rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    retries_at_min = 0
+    while True:
+        try:
+            return _accumulate_and_step(run, step, examples)
+        except torch.cuda.OutOfMemoryError as exc:
+            # Free what the failed attempt held before trying again.
+            run.optimizer.zero_grad(set_to_none=True)
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            if not config.oom_recovery:
+                raise BackpropError(
+                    ErrorCode.RUNTIME_GPU_OOM,
+                    f"Out of memory at step {step} with micro-batch {state.micro_batch}: {exc}",
+                ) from exc
+            old = state.micro_batch
+            if old > 1:
+                state.micro_batch = old // 2
+                state.grad_accum = math.ceil(state.effective_batch / state.micro_batch)
+            else:
+                retries_at_min += 1
+                if retries_at_min > MAX_OOM_RETRIES_AT_MIN:
+                    raise BackpropError(
+                        ErrorCode.RUNTIME_OOM_RECOVERY_EXHAUSTED,
+                        f"Out of memory at step {step} even at micro-batch 1 after "
+                        f"{MAX_OOM_RETRIES_AT_MIN} retries (max_seq_len={config.max_seq_len}).",
+                    ) from exc
+            get_logger(__name__, run_id=run.run_id).warning(
+                "out of memory at step %d: micro-batch %d -> %d, accumulation %d",
+                step, old, state.micro_batch, state.grad_accum,
+            )  # fmt: skip
+            run.emit(
+                OomRecovered(
+                    step=step,
+                    old_micro_batch=old,
+                    new_micro_batch=state.micro_batch,
+                    grad_accum=state.grad_accum,
+                    retries=retries_at_min,
+                )
+            )
+            # Same dropout masks on the retry as on the first attempt: the run stays reproducible.
+            torch.set_rng_state(rng)
+            if cuda_rng is not None:
+                torch.cuda.set_rng_state_all(cuda_rng)
+
+
+def _accumulate_and_step(run: Run, step: int, examples: list[dict[str, Any]]) -> tuple[float, float, float]:
+    import torch
+
+    model, optimizer, scaler = run.loaded.model, run.optimizer, run.scaler
+    device = run.loaded.device
+    # Every micro-batch's loss is a sum divided by the step's token count: their sum is the step's mean.
+    n_tokens = max(1, sum(label_tokens(ex) for ex in examples))
+    n_items = torch.tensor(n_tokens, device=device)
+    step_loss = torch.zeros((), device=device)
+    for i, chunk in enumerate(split_micro_batches(examples, run.state.micro_batch)):
+        batch = to_device(run.collate(chunk), device)
+        with run.loaded.autocast():
+            loss = model(**batch, num_items_in_batch=n_items).loss
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        step_loss += loss.detach().float()
+        if i == 0:
+            run.faults.maybe_oom(step)
+
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, run.config.max_grad_norm)
+    lr = optimizer.param_groups[0]["lr"]
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    run.scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(step_loss), float(grad_norm), float(lr)
+
+
+def _evaluate(run: Run, step: int) -> None:
+    """Evaluate on the held-out split; a failure is reported and training goes on."""
+    if not run.eval:
+        return
+    try:
+        run.faults.maybe_fail_eval(step)
+        loss, ppl = evaluate(
+            run.loaded.model,
+            run.eval,
+            run.collate,
+            batch_size=run.state.micro_batch,
+            device=run.loaded.device,
+            autocast=run.loaded.autocast,
+        )
+    except Exception as exc:
+        if _is_oom(exc):
+            raise
+        message = f"Evaluation at step {step} failed ({type(exc).__name__}: {exc}); training continues"
+        get_logger(__name__, run_id=run.run_id).warning(message)
+        run.emit(Warning_(code=str(ErrorCode.RUNTIME_TRAINING_FAILED), message=message))
+        return
+    finally:
+        # evaluate() restores train mode itself; this also covers a failure before it started.
+        run.loaded.model.train()
+    run.state.eval_history.append({"step": step, "loss": loss, "perplexity": ppl})
+    run.emit(Eval(step=step, loss=loss, perplexity=ppl))
+
+
+def _is_oom(exc: BaseException) -> bool:
+    import torch
+
+    return isinstance(exc, torch.cuda.OutOfMemoryError)
+
+
+def _checkpoint(run: Run) -> ckpt.SavedCheckpoint:
+    state = run.state
+    last_eval = state.eval_history[-1] if state.eval_history else None
+    eval_loss = last_eval["loss"] if last_eval and last_eval["step"] == state.step else None
+    saved = ckpt.save_checkpoint(
+        run.ckpt_root,
+        step=state.step,
+        model=run.loaded.model,
+        optimizer=run.optimizer,
+        scheduler=run.scheduler,
+        scaler=run.scaler,
+        state=state.to_json(run.run_id, run.config.seed),
+        eval_loss=eval_loss,
+        keep=run.config.keep_checkpoints,
+    )
+    run.emit(Checkpoint(step=saved.step, path=str(saved.path), bytes=saved.bytes, best=saved.best))
+    return saved
+
+
+def _stop(run: Run) -> TrainResult:
+    """A stop request: checkpoint (unless nothing was trained yet), report cancelled, return."""
+    saved = _checkpoint(run) if run.state.step > 0 else None
+    path = saved.path if saved else None
+    run.emit(Cancelled(step=run.state.step, checkpoint=str(path) if path else None))
+    state = run.state
+    return TrainResult(
+        status="cancelled",
+        run_id=run.run_id,
+        run_dir=run.run_dir,
+        step=state.step,
+        total_steps=run.total_steps,
+        final_loss=state.history[-1]["loss"] if state.history else None,
+        eval_loss=state.last_eval_loss,
+        checkpoint=path,
+        resumed_from_step=run.resumed_from_step,
+        history=list(state.history),
+        eval_history=list(state.eval_history),
+    )
+
+
+# 3. Save: the adapter (or full model), tokenizer and metrics ---------------------------------------
+def save(run: Run, result: TrainResult, started: float) -> None:
+    import torch
+
+    run.emit(Status(status="running", phase="saving", message="Writing the adapter"))
+    out = Path(run.config.output_dir).expanduser() if run.config.output_dir else run.run_dir / "adapter"
+    out.mkdir(parents=True, exist_ok=True)
+    run.loaded.model.save_pretrained(out)
+    run.loaded.tokenizer.save_pretrained(out)
+    runtime = time.time() - started
+    trainable, total = count_parameters(run.loaded.model)
+    metrics: dict[str, Any] = {
+        "final_loss": result.final_loss,
+        "eval_loss": result.eval_loss,
+        "perplexity": result.perplexity,
+        "steps": result.step,
+        "runtime_s": round(runtime, 3),
+        "tokens": run.state.tokens_seen,
+        "tokens_per_s": _mean_rate(result.history),
+        "micro_batch": run.state.micro_batch,
+        "grad_accum": run.state.grad_accum,
+        "trainable_params": trainable,
+        "total_params": total,
+    }
+    if run.loaded.device.type == "cuda":
+        metrics["peak_memory_mb"] = round(torch.cuda.max_memory_allocated(run.loaded.device) / 2**20, 1)
+    info = {
+        "run_id": run.run_id,
+        "backend": run.loaded.backend,
+        "device": str(run.loaded.device),
+        "precision": run.loaded.precision,
+        "model": run.config.model,
+        "adapter_path": str(out),
+        **metrics,
+    }
+    ckpt.write_json_atomic(run.run_dir / "metrics.json", info)
+    result.adapter_path = out
+    result.metrics = metrics
+    numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and v is not None}
+    run.emit(
+        Completed(
+            step=result.step,
+            final_loss=result.final_loss,
+            eval_loss=result.eval_loss,
+            adapter_path=str(out),
+            runtime_s=round(runtime, 3),
+            metrics={k: v for k, v in numeric.items() if math.isfinite(v)},
+        )
+    )
+
+
+def _mean_rate(history: list[dict[str, Any]]) -> float | None:
+    rates = [h["tokens_per_s"] for h in history if h.get("tokens_per_s")]
+    # The first step pays for warm-up (allocator, kernel selection); leave it out when we can.
+    rates = rates[1:] if len(rates) > 2 else rates
+    return round(sum(rates) / len(rates), 1) if rates else None
+
+
+def _start_monitor(config: RunConfig, emit: Emit, control: RunControl) -> Any:
+    try:
+        from backpropagate.monitor import start_monitor
+    except ImportError:
+        return None
+    return start_monitor(config, emit, control)
+
+
+__all__ = ["run_training", "TrainResult", "TrainState"]
