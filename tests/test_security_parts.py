@@ -83,7 +83,12 @@ def test_security_cookie_helpers() -> None:
 def test_security_reflex_socket_token_is_not_a_login_attempt() -> None:
     from backpropagate.server.security.ratelimit import carries_credentials
 
-    reflex_socket = {"type": "websocket", "path": "/_event/", "headers": [], "query_string": b"token=abc&EIO=4"}
+    reflex_socket = {
+        "type": "websocket",
+        "path": "/_event/",
+        "headers": [],
+        "query_string": b"token=abc&EIO=4",
+    }
     assert not carries_credentials(reflex_socket)
     page = {"type": "http", "method": "GET", "path": "/", "headers": [], "query_string": b"token=abc"}
     assert carries_credentials(page)
