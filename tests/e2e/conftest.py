@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -42,12 +43,26 @@ class UiServer:
         self.proc, self.base, self.login_url, self.home, self.log = proc, base, login_url, home, log
 
 
+def _demo_models(home: Path) -> None:
+    """Copy the demo models into ``home``, building them once per machine into a shared cache.
+
+    Building them takes minutes of CPU; without the cache every browser session would pay it
+    inside its first run.
+    """
+    cache = Path(tempfile.gettempdir()) / "backprop-e2e-demo-home"
+    env = {**os.environ, "BACKPROPAGATE_HOME": str(cache), "HF_HUB_OFFLINE": "1"}
+    code = "from backpropagate.models.demo import make_demo_models; make_demo_models()"
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=900)
+    shutil.copytree(cache / "models", home / "models", dirs_exist_ok=True)
+
+
 @pytest.fixture(scope="session")
 def ui_server() -> Iterator[UiServer]:
     """`backprop ui` in local mode on a free port with its own BACKPROPAGATE_HOME."""
     if not Path(CHROMIUM).exists():
         pytest.skip("Chromium is not installed at /usr/bin/chromium")
     home = Path(tempfile.mkdtemp(prefix="backprop-e2e-home-"))
+    _demo_models(home)
     port = _free_port()
     env = {**os.environ, "BACKPROPAGATE_HOME": str(home), "HF_HUB_OFFLINE": "1"}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
