@@ -38,8 +38,11 @@ class Authenticator:
     # Sessions -------------------------------------------------------------------------------
     def start_session(self, user: str) -> str:
         """A new session for ``user``; returns the signed cookie value."""
+        now = time.time()
+        if len(self._sessions) >= 10_000:  # bound memory: forget sessions that have expired
+            self._sessions = {k: v for k, v in self._sessions.items() if v[1] > now}
         sid = secrets.token_urlsafe(32)
-        self._sessions[sid] = (user, time.time() + self.max_age)
+        self._sessions[sid] = (user, now + self.max_age)
         return self._signer.dumps(sid)
 
     def session_id(self, cookie: str | None) -> str | None:
