@@ -35,7 +35,7 @@ def run_row(run: dict[str, Any], now: float | None = None) -> dict[str, str]:
         "model": str((run.get("config") or {}).get("model", "")),
         "status": str(run.get("status", "")),
         "progress": str(
-            round(100 * step / total, 1) if total else (100 if run.get("status") == "completed" else 0)
+            int(100 * step / total) if total else (100 if run.get("status") == "completed" else 0)
         ),
         "steps": f"{step}/{total}" if total else str(step),
         "loss": "" if loss is None else f"{loss:.4f}",
