@@ -164,3 +164,13 @@ def test_uploaded_data_set_id_resolves_under_home(isolated_home):
     folder.mkdir(parents=True)
     (folder / "train.jsonl").write_text(json.dumps({"text": "uploaded"}) + "\n")
     assert [e.text for e in load_examples("upload-123").examples] == ["uploaded"]
+
+
+def test_offline_setting_refuses_hub_ids_without_trying(isolated_home, monkeypatch):
+    from backpropagate.settings import get_settings
+
+    monkeypatch.setenv("BACKPROPAGATE_OFFLINE", "1")
+    get_settings.cache_clear()
+    with pytest.raises(BackpropError) as exc:
+        load_examples("org/name")
+    assert exc.value.code == ErrorCode.DATASET_NOT_FOUND and "BACKPROPAGATE_OFFLINE" in exc.value.message

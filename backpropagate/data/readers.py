@@ -241,6 +241,14 @@ def _looks_like_hub_id(name: str) -> bool:
 
 
 def _read_hub_dataset(name: str) -> Iterator[RawRow]:
+    from backpropagate.settings import get_settings
+
+    if get_settings().offline:
+        raise BackpropError(
+            ErrorCode.DATASET_NOT_FOUND,
+            f"{name!r} is not a local file or folder, and hub data sets are off (BACKPROPAGATE_OFFLINE).",
+            path=name,
+        )
     from datasets import load_dataset
 
     try:
