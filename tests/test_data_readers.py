@@ -174,3 +174,16 @@ def test_offline_setting_refuses_hub_ids_without_trying(isolated_home, monkeypat
     with pytest.raises(BackpropError) as exc:
         load_examples("org/name")
     assert exc.value.code == ErrorCode.DATASET_NOT_FOUND and "BACKPROPAGATE_OFFLINE" in exc.value.message
+
+
+def test_null_columns_do_not_decide_the_format(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"text": "a document", "messages": None}, {"text": "another", "messages": None}]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "t.parquet")
+    loaded = load_examples(tmp_path / "t.parquet")
+    assert list(loaded.formats.values()) == ["text"] and [e.text for e in loaded.examples] == [
+        "a document",
+        "another",
+    ]

@@ -70,9 +70,12 @@ class Example:
 
 
 def row_format(record: dict[str, Any]) -> Format | None:
-    """The format a single row looks like, from its identifying keys (None: none of them)."""
+    """The format a single row looks like, from its identifying keys (None: none of them).
+
+    A key holding null does not count: Parquet and `datasets` tables give every row every column.
+    """
     for fmt, keys in _SIGNATURES:
-        if any(k in record for k in keys):
+        if any(record.get(k) is not None for k in keys):
             return fmt
     return None
 
