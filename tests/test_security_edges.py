@@ -112,3 +112,61 @@ async def test_security_unauthenticated_post_to_page_is_401_not_redirect(guard) 
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
+
+
+@pytest.fixture(scope="module")
+def shared_guard():
+    app = FastAPI()
+
+    @app.get("/api/thing")
+    async def thing() -> dict:
+        return {"ok": True}
+
+    policy = resolve_policy(
+        host="127.0.0.1",
+        port=7860,
+        auth="alice:edge-password",
+        auth_file=None,
+        users_file=None,
+        share=True,
+        share_host="abc.trycloudflare.com",
+        env={},
+    )
+    return build_guard(app, policy, login_failures_per_minute=2)
+
+
+TUNNEL = {
+    "host": "abc.trycloudflare.com",
+    "origin": "https://abc.trycloudflare.com",
+    "x-forwarded-proto": "https",
+}
+
+
+@pytest.mark.anyio
+async def test_security_shared_mode_through_tunnel(shared_guard) -> None:
+    login = {"username": "alice", "password": "edge-password"}
+    r = await request(shared_guard, "POST", "/api/auth/login", json=login, headers=TUNNEL)
+    assert r.status_code == 200
+    assert "Secure" in r.headers["set-cookie"]
+    cookie = r.headers["set-cookie"].split(";")[0]
+    r = await request(shared_guard, "GET", "/api/thing", headers={**TUNNEL, "cookie": cookie})
+    assert r.status_code == 200
+    other = {**TUNNEL, "host": "other.trycloudflare.com", "cookie": cookie}
+    assert (await request(shared_guard, "GET", "/api/thing", headers=other)).status_code == 421
+
+
+@pytest.mark.anyio
+async def test_security_shared_mode_limits_each_tunnel_client(shared_guard) -> None:
+    wrong = {"username": "alice", "password": "guess"}
+    right = {"username": "alice", "password": "edge-password"}
+    attacker = {**TUNNEL, "cf-connecting-ip": "203.0.113.5"}
+    for _ in range(2):
+        r = await request(shared_guard, "POST", "/api/auth/login", json=wrong, headers=attacker)
+        assert r.status_code == 401
+    r = await request(shared_guard, "POST", "/api/auth/login", json=right, headers=attacker)
+    assert r.status_code == 429
+    # Another visitor of the same tunnel (same loopback peer) is not locked out.
+    visitor = {**TUNNEL, "cf-connecting-ip": "198.51.100.7"}
+    assert (
+        await request(shared_guard, "POST", "/api/auth/login", json=right, headers=visitor)
+    ).status_code == 200

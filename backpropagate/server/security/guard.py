@@ -33,7 +33,13 @@ def build_guard(
     inner = Authenticate(inner, auth)
     inner = OriginCheck(inner, policy.allowed_origins)
     inner = HostAllowlist(inner, policy.allowed_hosts)
-    inner = RateLimit(inner, throttle, capacity=requests_burst, per_second=requests_per_second)
+    inner = RateLimit(
+        inner,
+        throttle,
+        capacity=requests_burst,
+        per_second=requests_per_second,
+        trust_tunnel_ip=policy.mode == "shared",
+    )
     return SecurityHeaders(inner, csp)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import time
 from urllib.parse import parse_qs
 
@@ -16,6 +17,7 @@ from backpropagate.server.security.asgi import (
     header,
     refuse,
 )
+from backpropagate.server.security.policy import is_loopback
 
 LOGIN_PATHS = frozenset({"/login", "/api/auth/login"})
 
@@ -82,15 +84,22 @@ class RateLimit:
     """429 AUTH_RATE_LIMITED when an IP sends too much, or keeps trying after failed logins."""
 
     def __init__(
-        self, app: ASGIApp, throttle: LoginThrottle, capacity: float = 600, per_second: float = 50
+        self,
+        app: ASGIApp,
+        throttle: LoginThrottle,
+        capacity: float = 600,
+        per_second: float = 50,
+        trust_tunnel_ip: bool = False,
     ) -> None:
         self.app = app
         self.throttle = throttle
         self.requests = TokenBuckets(capacity, per_second)
+        self.trust_tunnel_ip = trust_tunnel_ip
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in GUARDED:
             return await self.app(scope, receive, send)
+        scope = self._with_tunnel_client(scope)
         ip = client_ip(scope)
         if not self.requests.take(ip):
             return await refuse(scope, receive, send, ErrorCode.AUTH_RATE_LIMITED)
@@ -99,3 +108,20 @@ class RateLimit:
                 scope, receive, send, ErrorCode.AUTH_RATE_LIMITED, "Too many failed logins from this address."
             )
         await self.app(scope, receive, send)
+
+    def _with_tunnel_client(self, scope: Scope) -> Scope:
+        """Behind the share tunnel every request comes from 127.0.0.1; Cloudflare names the real client.
+
+        Without this, one visitor's failed logins would lock everyone on the tunnel out. The header
+        is believed only from a loopback peer (cloudflared runs on this machine).
+        """
+        if not self.trust_tunnel_ip or not is_loopback(client_ip(scope)):
+            return scope
+        real = header(scope, "cf-connecting-ip")
+        if not real:
+            return scope
+        try:
+            address = str(ipaddress.ip_address(real.strip()))
+        except ValueError:
+            return scope
+        return {**scope, "client": (address, 0)}
