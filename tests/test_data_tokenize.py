@@ -105,6 +105,9 @@ def test_template_that_rewrites_earlier_turns_is_refused(tok):
     with pytest.raises(BackpropError) as exc:
         tokenize_example(ex, odd, max_seq_len=100)
     assert exc.value.code == ErrorCode.CONFIG_INVALID_SETTING and "f.jsonl:7" in exc.value.message
+    # The way out the hint offers works: training on every token needs no turn boundaries.
+    t = tokenize_example(ex, odd, max_seq_len=100, train_on="all")
+    assert tok.decode(t.input_ids) == "a\nLAST b\n" and t.labels == [IGNORE, *t.input_ids[1:]]
 
 
 def test_truncation_cuts_to_max_seq_len_and_says_so(tok):
@@ -129,3 +132,31 @@ def test_template_that_injects_a_default_system_prompt(tok):
         expected = [m["content"] + END for m in ex.messages if m["role"] == "assistant"]
         assert trained_runs(tok, t.input_ids, t.labels) == expected
         assert tok.decode(t.input_ids).startswith("<|im_start|>system\n")
+
+
+class _NoOffsets:
+    """A tokenizer without character offsets (like slow, Python-only tokenizers)."""
+
+    is_fast = False
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.chat_template = inner.chat_template.replace("{% generation %}", "").replace(
+            "{% endgeneration %}", ""
+        )
+        self.eos_token_id = inner.eos_token_id
+
+    def __call__(self, text, add_special_tokens=True, **kwargs):
+        assert "return_offsets_mapping" not in kwargs
+        return {"input_ids": self.inner(text, add_special_tokens=add_special_tokens)["input_ids"]}
+
+    def apply_chat_template(self, *args, **kwargs):
+        return self.inner.apply_chat_template(*args, **kwargs)
+
+
+def test_tokenizer_without_offsets_gets_the_same_labels(tok):
+    slow = _NoOffsets(tok)
+    for ex in load_examples(EXAMPLES / "sharegpt.jsonl").examples[:10]:
+        a = tokenize_example(ex, tok, max_seq_len=4096)
+        b = tokenize_example(ex, slow, max_seq_len=4096)
+        assert (a.input_ids, a.labels) == (b.input_ids, b.labels)

@@ -68,7 +68,7 @@ def tokenize_example(
         ids, mask = _text_ids(example.text, tokenizer)
     else:
         try:
-            ids, mask = _chat_ids(example.sft_messages(), tokenizer, example)
+            ids, mask = _chat_ids(example.sft_messages(), tokenizer, example, train_on == "responses")
         except BackpropError:
             raise
         except Exception as exc:  # jinja raises from inside templates (e.g. "system role not supported")
@@ -97,10 +97,15 @@ def _text_ids(text: str, tokenizer: Any) -> tuple[list[int], list[bool]]:
 
 
 def _chat_ids(
-    messages: list[dict[str, str]], tokenizer: Any, example: Example
+    messages: list[dict[str, str]], tokenizer: Any, example: Example, find_responses: bool
 ) -> tuple[list[int], list[bool]]:
     template = chat_template(tokenizer)
-    if _GENERATION.search(template):
+    if not find_responses:
+        text = _render(tokenizer, template, messages, False)
+        ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        return ids, [True] * len(ids)
+    # Generation blocks map to tokens through character offsets: fast tokenizers only.
+    if _GENERATION.search(template) and getattr(tokenizer, "is_fast", False):
         out = tokenizer.apply_chat_template(
             messages,
             chat_template=template,
@@ -140,8 +145,18 @@ def _chat_ids_by_prefix(
             )
         # The turn's trailing newline is layout, not something the model must say.
         spans.append((len(before), len(upto.rstrip("\n"))))
-    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
-    mask = []
-    for start, end in enc["offset_mapping"]:
-        mask.append(any(start < s_end and end > s_start for s_start, s_end in spans))
-    return list(enc["input_ids"]), mask
+    if getattr(tokenizer, "is_fast", False):
+        enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+        mask = []
+        for start, end in enc["offset_mapping"]:
+            mask.append(any(start < s_end and end > s_start for s_start, s_end in spans))
+        return list(enc["input_ids"]), mask
+    # No character offsets: count the tokens of each prefix instead. Turn boundaries sit on
+    # special tokens in chat templates, so a prefix tokenizes to a prefix of the whole.
+    ids = list(tokenizer(full, add_special_tokens=False)["input_ids"])
+    mask = [False] * len(ids)
+    for s_start, s_end in spans:
+        first = len(tokenizer(full[:s_start], add_special_tokens=False)["input_ids"])
+        last = len(tokenizer(full[:s_end], add_special_tokens=False)["input_ids"])
+        mask[first:last] = [True] * (last - first)
+    return ids, mask
