@@ -72,3 +72,21 @@ def test_security_users_custom_file(tmp_path: Path) -> None:
     )
     assert r.returncode == 0, r.stderr
     assert json.loads(target.read_text())["users"].keys() == {"carol"}
+
+
+def test_security_users_prompt_asks_twice(tmp_path: Path) -> None:
+    # Without --password-stdin the password is prompted for, with confirmation; a mismatch asks again.
+    env = {**os.environ, "BACKPROPAGATE_HOME": str(tmp_path / "home")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "backpropagate", "users", "add", "erin"],
+        input="first password\nother password\nfinal password\nfinal password\n",
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        start_new_session=True,  # no controlling terminal: the prompt reads stdin
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "do not match" in proc.stderr
+    stored = json.loads((tmp_path / "home" / "users.json").read_text())["users"]["erin"]["hash"]
+    assert verify_password("final password", stored) and not verify_password("first password", stored)
