@@ -75,3 +75,19 @@ def test_security_output_dir_symlink_into_system_refused(tmp_path: Path) -> None
     (tmp_path / "sneaky").symlink_to("/etc")
     with pytest.raises(BackpropError):
         check_output_dir(tmp_path / "sneaky" / "out")
+
+
+@pytest.mark.parametrize(
+    "secret", [".ssh/id_ed25519", ".aws/credentials", ".cache/huggingface/token", ".netrc"]
+)
+def test_security_safe_path_refuses_credentials_inside_home(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, secret: str
+) -> None:
+    home = tmp_path / "home"
+    monkeypatch.setenv("HOME", str(home))
+    with pytest.raises(BackpropError) as exc:
+        safe_path(home / secret, home)
+    assert exc.value.code == ErrorCode.INPUT_PATH_TRAVERSAL and "credential" in exc.value.message
+    # The rest of the home folder, including the model cache, stays usable.
+    assert safe_path(home / ".cache/huggingface/hub/models--x/config.json", home).name == "config.json"
+    assert safe_path(home / "data/train.jsonl", home).name == "train.jsonl"

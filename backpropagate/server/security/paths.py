@@ -22,6 +22,18 @@ _HOME_CREDENTIAL_DIRS = (
 )  # fmt: skip
 
 
+# Files a request may never read, even inside an allowed base such as the home folder.
+_HOME_SECRETS = (
+    ".ssh", ".aws", ".gnupg", ".config", ".docker", ".kube", ".azure", ".netrc", ".git-credentials",
+    ".huggingface/token", ".cache/huggingface/token", ".cache/huggingface/stored_tokens", ".pypirc",
+)  # fmt: skip
+
+
+def _secret_roots() -> list[Path]:
+    home = Path.home()
+    return [(home / p).resolve() for p in _HOME_SECRETS]
+
+
 def _resolve(path: str | Path) -> Path:
     text = str(path)
     if "\x00" in text:
@@ -40,6 +52,14 @@ def safe_path(user_path: str | Path, *bases: Path) -> Path:
     resolved = _resolve(candidate)
     roots = [Path(b).expanduser().resolve() for b in bases]
     if any(resolved == root or resolved.is_relative_to(root) for root in roots):
+        # A base may be the home folder; its credential files are still off limits.
+        secret = next((r for r in _secret_roots() if _inside(resolved, r)), None)
+        if secret is not None:
+            raise BackpropError(
+                ErrorCode.INPUT_PATH_TRAVERSAL,
+                f"The path {str(user_path)!r} resolves to {resolved}, inside the credential location {secret}.",
+                hint="Point at a data or model file, not at credentials.",
+            )
         return resolved
     allowed = ", ".join(str(r) for r in roots)
     raise BackpropError(
