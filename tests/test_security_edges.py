@@ -170,3 +170,64 @@ async def test_security_shared_mode_limits_each_tunnel_client(shared_guard) -> N
     assert (
         await request(shared_guard, "POST", "/api/auth/login", json=right, headers=visitor)
     ).status_code == 200
+
+
+@pytest.mark.anyio
+async def test_security_token_exchange_never_redirects_off_site() -> None:
+    from backpropagate.server.security.policy import new_token
+
+    app = FastAPI()
+    policy = resolve_policy(
+        host="127.0.0.1", port=7860, auth=None, auth_file=None, users_file=None, share=False, env={}
+    )
+    token = new_token()
+    from backpropagate.server.security.policy import hash_token
+
+    guard = build_guard(app, policy.model_copy(update={"local_token_hash": hash_token(token)}))
+    # Raw ASGI: an HTTP client would read "//evil.example/x" as another host, a browser may send it as a path.
+    scope = {
+        "type": "http",
+        "method": "GET",
+        "path": "//evil.example/x",
+        "query_string": f"token={token}".encode(),
+        "headers": [(b"host", b"localhost:7860")],
+        "client": ("127.0.0.1", 5000),
+    }
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    await guard(scope, receive, send)
+    start = sent[0]
+    assert start["status"] == 303
+    assert dict(start["headers"])[b"location"] == b"/evil.example/x"
+
+
+@pytest.mark.anyio
+async def test_security_allowed_host_with_port() -> None:
+    app = FastAPI()
+
+    @app.get("/api/thing")
+    async def thing() -> dict:
+        return {"ok": True}
+
+    policy = resolve_policy(
+        host="127.0.0.1",
+        port=7860,
+        auth="alice:edge-password",
+        auth_file=None,
+        users_file=None,
+        share=False,
+        env={"BACKPROPAGATE_UI_ALLOWED_HOSTS": "gpu-box.lan:7860, [fd00::1]"},
+    )
+    guard = build_guard(app, policy)
+    creds = basic("alice", "edge-password")
+    for host in ("gpu-box.lan", "gpu-box.lan:8443", "[fd00::1]:7860"):
+        assert (await request(guard, "GET", "/api/thing", headers={**creds, "host": host})).status_code == 200
+    assert (
+        await request(guard, "GET", "/api/thing", headers={**creds, "host": "[fd00::2]"})
+    ).status_code == 421

@@ -101,7 +101,8 @@ class Authenticate:
                 scope, receive, send, ErrorCode.AUTH_INVALID_CREDENTIALS, "The launch token is wrong."
             )
         rest = urlencode([(k, v) for k, v in query if k != "token"])
-        location = quote(scope["path"]) + (f"?{rest}" if rest else "")
+        # One leading slash only: "//evil.example" would be read as another site.
+        location = "/" + quote(scope["path"].lstrip("/")) + (f"?{rest}" if rest else "")
         cookie = self.auth.set_cookie(self.auth.start_session(LOCAL_USER), secure=is_https(scope))
         await send_response(send, 303, b"", "text/plain", [(b"location", location.encode("latin-1")), cookie])
 

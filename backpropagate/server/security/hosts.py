@@ -39,7 +39,9 @@ class HostAllowlist:
 
     def __init__(self, app: ASGIApp, allowed_hosts: list[str]) -> None:
         self.app = app
-        self.allowed = LOOPBACK_HOSTS | {h.lower().strip("[]") for h in allowed_hosts}
+        # Entries may carry a port ("gpu-box:7860"); like loopback, any port of an allowed name is fine.
+        names = (split_host(h) for h in allowed_hosts)
+        self.allowed = LOOPBACK_HOSTS | {n[0] for n in names if n}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in GUARDED:
