@@ -1,7 +1,8 @@
 """Tiny LoRA-tuned Llama and Qwen2 runs for the export tests, built offline and cached per session.
 
-Widths are multiples of 256 so that K-quants apply to every weight. The LoRA B matrices are
-random (not zero), so merging changes the model.
+Widths are multiples of 256 so that K-quants apply to every weight. The base gets a few
+optimizer steps on a small corpus, then a LoRA adapter a few more (its B matrices move off zero,
+so merging changes the model).
 """
 
 from __future__ import annotations
@@ -86,8 +87,6 @@ def build_base(out: Path, arch: str) -> Path:
         num_key_value_heads=2,
         max_position_embeddings=512,
         rms_norm_eps=1e-6,
-        # A wide init gives peaked next-token distributions, so greedy decoding has clear winners.
-        initializer_range=0.1,
     )
     torch.manual_seed(0)
     if arch == "llama":
@@ -98,15 +97,33 @@ def build_base(out: Path, arch: str) -> Path:
             for layer in model.model.layers:
                 for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
                     proj.bias.normal_(0, 0.2)
+    _fit(model, PreTrainedTokenizerFast.from_pretrained(str(out)), steps=40, lr=3e-3)
     model.save_pretrained(str(out))
     return out
 
 
+def _fit(model: object, tok: object, steps: int, lr: float) -> None:
+    """A few optimizer steps on the corpus: a model with clear next-token preferences, not noise."""
+    import torch
+
+    texts = CORPUS + [tok.apply_chat_template(SAMPLE_CONVERSATION, tokenize=False)]
+    batch = tok(texts, padding=True, return_tensors="pt")
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
+    for _ in range(steps):
+        loss = model(**batch, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+
+
 def build_run(home: Path, arch: str) -> Path:
-    """RUN_DIR with config.json (model = the base folder) and a LoRA adapter with non-zero B."""
+    """RUN_DIR with config.json (model = the base folder) and a briefly trained LoRA adapter."""
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
     run_dir = home / "runs" / f"export-test-{arch}"
     if (run_dir / "adapter" / "adapter_config.json").is_file():
@@ -116,10 +133,9 @@ def build_run(home: Path, arch: str) -> Path:
     model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
     peft_model = get_peft_model(
         model,
-        LoraConfig(
-            r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False, task_type="CAUSAL_LM"
-        ),
+        LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM"),
     )
+    _fit(peft_model, PreTrainedTokenizerFast.from_pretrained(str(base)), steps=10, lr=3e-3)
     (run_dir / "adapter").mkdir(parents=True, exist_ok=True)
     peft_model.save_pretrained(str(run_dir / "adapter"))
     config = {

@@ -22,10 +22,26 @@ PROMPTS = (
     "def add(a, b):\n    return",
     "Numbers: 1, 2, 3, 4,",
 )
-# Mean KL(HF || GGUF) per token above which an export is refused. Measured on tiny models:
-# f32/f16 ~1e-6, q8_0 ~1e-3, q4_k_m 0.04-0.15; the limits leave an order of magnitude or so.
-KL_LIMITS = {"f32": 1e-3, "f16": 1e-3, "bf16": 1e-2, "q8_0": 2e-2, "q6_k": 0.05, "q5_k_m": 0.1, "q5_k_s": 0.1}
-DEFAULT_KL_LIMIT = 0.4
+# Mean KL(HF || GGUF) per token above which an export is refused. Measured on tiny trained
+# models: f16 ~1e-6, q8_0 ~2e-4..1e-3, q4_k_m 0.01-0.15. f16 beyond 1e-3 is a conversion bug, not
+# rounding; the quantized limits leave room for real models, which quantize less gracefully.
+KL_LIMITS = {
+    "f32": 1e-3,
+    "f16": 1e-3,
+    "bf16": 1e-2,
+    "q8_0": 2e-2,
+    "q6_k": 0.05,
+    "q5_k_m": 0.1,
+    "q5_k_s": 0.1,
+    "q5_0": 0.1,
+    "q5_1": 0.1,
+    "q4_k_m": 0.25,
+    "q4_k_s": 0.25,
+    "q4_0": 0.3,
+    "q4_1": 0.3,
+    "q2_k": 1.0,
+}
+DEFAULT_KL_LIMIT = 0.5  # q3_k_*
 
 
 @dataclass

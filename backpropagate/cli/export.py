@@ -1,0 +1,209 @@
+"""`backprop export | serve | chat | push | ollama ...`: get a trained model out and run it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import typer
+
+
+def _progress_bar() -> tuple[Any, Any]:
+    """A rich progress bar on stderr and the callback that drives it (one task per stage)."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    bar = Progress(
+        TextColumn("{task.description:<9}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+        transient=False,
+    )
+    tasks: dict[str, Any] = {}
+
+    def update(stage: str, done: int, total: int) -> None:
+        if stage not in tasks:
+            tasks[stage] = bar.add_task(stage, total=total)
+        bar.update(tasks[stage], completed=done, total=total)
+
+    return bar, update
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("export")
+    def export_cmd(
+        source: str = typer.Argument(..., help="Run id, run folder, adapter folder or model folder."),
+        fmt: str = typer.Option("gguf", "--format", "-f", help="adapter, merged or gguf."),
+        quantization: str | None = typer.Option(
+            None,
+            "--quantization",
+            "-q",
+            help="gguf: f32 f16 bf16 q8_0 q4_k_m q5_k_m q6_k ...; merged: f32 f16 bf16.",
+        ),
+        output: Path | None = typer.Option(
+            None, "--output", "-o", help="Output folder (default RUN_DIR/exports/)."
+        ),
+        verify: bool = typer.Option(True, "--verify/--no-verify", help="Compare the GGUF with the HF model."),
+        ollama: str | None = typer.Option(
+            None, "--ollama", help="Also register the GGUF with Ollama as NAME."
+        ),
+        as_json: bool = typer.Option(False, "--json", help="Print the result as JSON to stdout."),
+    ) -> None:
+        """Export a trained run as an adapter, merged weights or a (verified) GGUF."""
+        from backpropagate.export.run_export import export_run
+
+        bar, update = _progress_bar()
+        with bar:
+            result = export_run(source, fmt, quantization, output, verify, update, ollama)  # type: ignore[arg-type]
+        if as_json:
+            print(json.dumps(result.to_dict(), indent=2))
+            return
+        for note in result.warnings:
+            print(f"warning: {note}", file=sys.stderr)
+        print(result.path)
+        if result.verification:
+            v = result.verification
+            print(
+                f"verified: mean KL {v['mean_kl']:.2e} (limit {v['kl_limit']:g}), "
+                f"top-1 agreement {v['top1_agreement']:.1%}",
+                file=sys.stderr,
+            )
+        if result.ollama_model:
+            print(
+                f"registered with Ollama as {result.ollama_model}: `ollama run {result.ollama_model}`",
+                file=sys.stderr,
+            )
+
+    @app.command()
+    def serve(
+        export: str = typer.Argument(..., help="A .gguf file, an export folder or a run id."),
+        port: int = typer.Option(8000, "--port", "-p", help="Port (0 picks a free one)."),
+        host: str = typer.Option("127.0.0.1", "--host", help="Interface; loopback unless you mean it."),
+        n_ctx: int = typer.Option(2048, "--ctx", help="Context length."),
+    ) -> None:
+        """Serve a GGUF export with an OpenAI-style API (llama_cpp.server)."""
+        from backpropagate.export.serve import check_server_extra, free_port, resolve_gguf, serve_command
+
+        check_server_extra()
+        gguf = resolve_gguf(export)
+        port = port or free_port()
+        print(f"serving {gguf.name} at http://{host}:{port}/v1 (Ctrl-C stops)", file=sys.stderr)
+        proc = subprocess.Popen(serve_command(gguf, port, host, n_ctx))
+        try:
+            raise typer.Exit(proc.wait())
+        except KeyboardInterrupt:
+            proc.terminate()
+            raise typer.Exit(proc.wait()) from None
+
+    @app.command()
+    def chat(
+        export: str | None = typer.Argument(None, help="A .gguf file, an export folder or a run id."),
+        url: str | None = typer.Option(
+            None, "--url", help="Talk to a running server instead (backprop serve)."
+        ),
+        system: str | None = typer.Option(None, "--system", help="System prompt."),
+        max_tokens: int = typer.Option(256, "--max-tokens", help="Longest reply."),
+    ) -> None:
+        """Chat with an export in the terminal; replies stream as they are generated."""
+        from backpropagate.errors import BackpropError, ErrorCode
+
+        if not url and not export:
+            raise BackpropError(
+                ErrorCode.INPUT_REQUEST_INVALID, "give an EXPORT to load or --url of a server"
+            )
+        history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
+        stream = _chat_stream(export, url, max_tokens)
+        print("type a message; an empty line or Ctrl-D quits", file=sys.stderr)
+        while True:
+            try:
+                text = input("> ")
+            except EOFError:
+                break
+            if not text.strip():
+                break
+            history.append({"role": "user", "content": text})
+            reply = []
+            for piece in stream(history):
+                reply.append(piece)
+                print(piece, end="", flush=True)
+            print()
+            history.append({"role": "assistant", "content": "".join(reply)})
+
+    @app.command()
+    def push(
+        path: Path = typer.Argument(..., help="Export folder or file."),
+        repo: str = typer.Option(..., "--repo", help="Hub repository, user/name."),
+        public: bool = typer.Option(False, "--public", help="Make the repository public (default private)."),
+    ) -> None:
+        """Upload an export to the Hugging Face Hub (needs HF_TOKEN or `huggingface-cli login`)."""
+        from backpropagate.export.push import push as do_push
+
+        print(do_push(path, repo, private=not public))
+
+    ollama_app = typer.Typer(help="Register GGUF exports with a local Ollama daemon.", no_args_is_help=True)
+    app.add_typer(ollama_app, name="ollama")
+
+    @ollama_app.command("register")
+    def ollama_register(
+        export: str = typer.Argument(..., help="A .gguf file, an export folder or a run id."),
+        name: str = typer.Option(..., "--name", "-n", help="Model name in Ollama."),
+    ) -> None:
+        """Upload a GGUF to Ollama and create a model with its chat template."""
+        from backpropagate.export.gguf_convert import read_chat_template
+        from backpropagate.export.ollama import OllamaClient
+        from backpropagate.export.serve import resolve_gguf
+
+        gguf = resolve_gguf(export)
+        meta_path = gguf.parent / "export.json"
+        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+        template = meta.get("chat_template") or read_chat_template(gguf.parent)
+        OllamaClient().create(name, gguf, template, meta.get("context_length"))
+        print(f"registered {name}: `ollama run {name}`")
+
+    @ollama_app.command("list")
+    def ollama_list(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+        """Models the Ollama daemon has."""
+        from backpropagate.export.ollama import OllamaClient
+
+        models = OllamaClient().list()
+        if as_json:
+            print(json.dumps(models, indent=2))
+            return
+        for m in models:
+            print(f"{m.get('name', m.get('model'))}\t{m.get('size', '')}")
+
+    @ollama_app.command("rm")
+    def ollama_rm(name: str = typer.Argument(..., help="Model name.")) -> None:
+        """Delete a model from Ollama."""
+        from backpropagate.export.ollama import OllamaClient
+
+        OllamaClient().delete(name)
+        print(f"deleted {name}")
+
+
+def _chat_stream(export: str | None, url: str | None, max_tokens: int) -> Any:
+    """A function history -> iterator of text pieces, over HTTP or with the model loaded here."""
+    if url:
+        from backpropagate.export.serve import stream_chat
+
+        return lambda history: stream_chat(url, history, max_tokens=max_tokens)
+    from backpropagate.export.quantize import require_llama_cpp
+    from backpropagate.export.serve import resolve_gguf
+
+    require_llama_cpp("chat")
+    import llama_cpp
+
+    llm = llama_cpp.Llama(model_path=str(resolve_gguf(export or "")), n_ctx=2048, verbose=False)
+
+    def local(history: list[dict[str, str]]) -> Any:
+        for chunk in llm.create_chat_completion(messages=history, stream=True, max_tokens=max_tokens):
+            piece = chunk["choices"][0]["delta"].get("content")
+            if piece:
+                yield piece
+
+    return local

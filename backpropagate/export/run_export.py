@@ -1,0 +1,237 @@
+"""`export_run`: one call from a run (or folder) to an adapter, merged weights or a verified GGUF.
+
+The CLI's `backprop export` and the API's background export job both call this. Stages report
+through ``progress(stage, done, total)``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from backpropagate.errors import BackpropError, ErrorCode
+from backpropagate.export.gguf_convert import (
+    DIRECT_TYPES,
+    convert_to_gguf,
+    read_chat_template,
+    read_model_config,
+)
+from backpropagate.export.merge import export_adapter, export_merged, load_merged_model
+from backpropagate.export.quantize import (
+    LLAMA_QUANTS,
+    QUANTIZATIONS,
+    quantize_gguf,
+    require_llama_cpp,
+    width_fallbacks,
+)
+from backpropagate.export.source import ExportSource, resolve_source
+from backpropagate.logs import get_logger
+
+log = get_logger(__name__)
+
+ExportFormat = Literal["adapter", "merged", "gguf"]
+StageProgress = Callable[[str, int, int], None]  # (stage, done, total)
+
+
+@dataclass
+class ExportResult:
+    """Where an export went and what was measured on the way."""
+
+    format: str
+    quantization: str | None
+    path: str  # the GGUF file, or the folder for adapter/merged
+    output_dir: str
+    files: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    verification: dict[str, Any] | None = None
+    warnings: list[str] = field(default_factory=list)
+    ollama_model: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _llama_cpp_available() -> bool:
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _validate(fmt: str, quantization: str | None) -> str | None:
+    if fmt not in ("adapter", "merged", "gguf"):
+        raise BackpropError(
+            ErrorCode.CONFIG_INVALID_SETTING, f"format must be adapter, merged or gguf; got {fmt!r}"
+        )
+    if fmt == "merged":
+        q = quantization or "f16"
+        if q not in ("f32", "f16", "bf16"):
+            raise BackpropError(
+                ErrorCode.CONFIG_INVALID_SETTING, f"merged weights are f32, f16 or bf16; got {q!r}"
+            )
+        return q
+    if fmt == "gguf":
+        q = (quantization or "f16").lower()
+        if q not in QUANTIZATIONS:
+            raise BackpropError(
+                ErrorCode.CONFIG_INVALID_SETTING,
+                f"unknown GGUF quantization {q!r}; choose one of {', '.join(QUANTIZATIONS)}",
+            )
+        if q in LLAMA_QUANTS:
+            require_llama_cpp(f"{q} quantization")  # fail before any heavy work
+        return q
+    return None
+
+
+def _intermediate_dtype(model_dir_config: dict[str, Any], quantization: str) -> str:
+    # Keep the base's precision for the merged copy the converter reads; f32 stays f32.
+    if quantization == "f32":
+        return "f32"
+    dtype = str(model_dir_config.get("dtype") or model_dir_config.get("torch_dtype") or "float32")
+    return {"bfloat16": "bf16", "float16": "f16"}.get(dtype, "f32")
+
+
+def export_run(
+    source: str | Path,
+    format: ExportFormat = "gguf",  # noqa: A002 - the CLI option's name
+    quantization: str | None = None,
+    output: str | Path | None = None,
+    verify: bool = True,
+    progress: StageProgress | None = None,
+    ollama_name: str | None = None,
+) -> ExportResult:
+    """Export a run id, run folder, adapter folder or model folder; returns an ExportResult."""
+    started = time.monotonic()
+    q = _validate(format, quantization)
+    src = resolve_source(source)
+    label = format if format == "adapter" else f"{format}-{q}"
+    out_dir = Path(output) if output else src.default_output_root / label
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report = progress or (lambda *_: None)
+
+    if format == "adapter":
+        report("adapter", 0, 1)
+        export_adapter(src, out_dir)
+        report("adapter", 1, 1)
+        result = ExportResult(format, None, str(out_dir), str(out_dir))
+    elif format == "merged":
+        report("merge", 0, 1)
+        export_merged(src, out_dir, q)  # type: ignore[arg-type]
+        report("merge", 1, 1)
+        result = ExportResult(format, q, str(out_dir), str(out_dir))
+    else:
+        result = _export_gguf(src, out_dir, q or "f16", verify, report)
+        if ollama_name:
+            from backpropagate.export.ollama import OllamaClient
+
+            report("ollama", 0, 1)
+            config = (
+                json.loads((out_dir / "export.json").read_text())
+                if (out_dir / "export.json").is_file()
+                else {}
+            )
+            OllamaClient().create(
+                ollama_name, Path(result.path), config.get("chat_template"), config.get("context_length")
+            )
+            result.ollama_model = ollama_name
+            report("ollama", 1, 1)
+    result.seconds = round(time.monotonic() - started, 2)
+    result.files = sorted(p.name for p in out_dir.iterdir() if not p.name.startswith("."))
+    (out_dir / "result.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    return result
+
+
+def _export_gguf(
+    src: ExportSource, out_dir: Path, q: str, verify: bool, report: StageProgress
+) -> ExportResult:
+    from backpropagate.export.ollama import render_modelfile
+
+    warnings: list[str] = []
+    scratch = out_dir / ".work"
+    scratch.mkdir(exist_ok=True)
+    try:
+        # 1. A safetensors folder with the adapter folded in (a full model is read as it is).
+        if src.adapter_dir is None and Path(src.base_model).is_dir():
+            model_dir = Path(src.base_model)
+        else:
+            report("merge", 0, 1)
+            base_cfg = _base_config(src)
+            model_dir = scratch / "merged"
+            export_merged(src, model_dir, _intermediate_dtype(base_cfg, q))  # type: ignore[arg-type]
+            report("merge", 1, 1)
+        config = read_model_config(model_dir)
+        name = f"{src.name}-{q}"
+        gguf_path = out_dir / f"{name}.gguf"
+
+        # 2. Convert (f32/f16/bf16/q8_0 directly; K-quants from an f16 file through llama.cpp).
+        direct = q if q in DIRECT_TYPES else "f16"
+        target = gguf_path if q in DIRECT_TYPES else scratch / f"{name}.f16.gguf"
+        conv = convert_to_gguf(
+            model_dir, target, direct, name=src.name, progress=lambda d, t, _n: report("convert", d, t)
+        )
+        warnings += conv.warnings + [f"quantization fallback: {f}" for f in conv.fallbacks]
+        if q in LLAMA_QUANTS:
+            warnings += width_fallbacks(model_dir, q)
+            for note in warnings:
+                log.warning(note)
+            report("quantize", 0, 1)
+            quantize_gguf(target, gguf_path, q)
+            target.unlink()
+            report("quantize", 1, 1)
+
+        # 3. Verify against the HF model in float32.
+        verification = None
+        if not verify:
+            warnings.append("verification skipped (--no-verify)")
+        elif not _llama_cpp_available():
+            warnings.append(
+                "verification skipped: llama-cpp-python is not installed (pip install 'backpropagate[export]')"
+            )
+            log.warning(warnings[-1])
+        else:
+            report("verify", 0, 1)
+            verification = _verify(model_dir, gguf_path, q, out_dir / f"{name}.verify.json")
+            report("verify", 1, 1)
+
+        # 4. Ollama Modelfile next to the GGUF, and what registration needs later.
+        template = read_chat_template(model_dir)
+        ctx = config.get("max_position_embeddings")
+        (out_dir / "Modelfile").write_text(render_modelfile(gguf_path.name, template, ctx))
+        meta = {"gguf": gguf_path.name, "quantization": q, "chat_template": template, "context_length": ctx}
+        (out_dir / "export.json").write_text(json.dumps(meta, indent=2) + "\n")
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return ExportResult("gguf", q, str(gguf_path), str(out_dir), verification=verification, warnings=warnings)
+
+
+def _base_config(src: ExportSource) -> dict[str, Any]:
+    base = Path(src.base_model)
+    if (base / "config.json").is_file():
+        return json.loads((base / "config.json").read_text())
+    try:
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(src.base_model).to_dict()
+    except Exception:  # noqa: BLE001 - the default (f32) is always safe
+        return {}
+
+
+def _verify(model_dir: Path, gguf_path: Path, q: str, report_path: Path) -> dict[str, Any]:
+    import torch
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    from backpropagate.export.verify import verify_gguf
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(str(model_dir))
+    rep = verify_gguf(gguf_path, model, tokenizer, q, report_path=report_path)
+    return json.loads(rep.to_json())
+
+
+__all__ = ["ExportResult", "export_run", "load_merged_model"]
