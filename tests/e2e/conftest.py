@@ -23,6 +23,7 @@ CHROMIUM_ARGS = [
     "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
     "--disable-component-update", "--disable-sync", "--no-first-run",
 ]  # fmt: skip
+UI_CACHE = Path(tempfile.gettempdir()) / "backprop-e2e-ui-build"
 URL_RE = re.compile(r"https?://\S+[?&]token=[\w-]+")
 
 
@@ -51,7 +52,8 @@ def _demo_models(home: Path) -> None:
     """
     cache = Path(tempfile.gettempdir()) / "backprop-e2e-demo-home"
     env = {**os.environ, "BACKPROPAGATE_HOME": str(cache), "HF_HUB_OFFLINE": "1"}
-    code = "from backpropagate.models.demo import make_demo_models; make_demo_models()"
+    # Only the model the tests train, briefly pre-trained: its quality does not matter here.
+    code = 'from backpropagate.models.demo import make_demo_models; make_demo_models(names=("demo-qwen2",), steps=20)'
     subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=900)
     shutil.copytree(cache / "models", home / "models", dirs_exist_ok=True)
 
@@ -63,6 +65,10 @@ def ui_server() -> Iterator[UiServer]:
         pytest.skip("Chromium is not installed at /usr/bin/chromium")
     home = Path(tempfile.mkdtemp(prefix="backprop-e2e-home-"))
     _demo_models(home)
+    # A previous session's front-end build (node_modules, bundle): the launcher rebuilds it when
+    # the app's sources changed, and an npm install is the slow part it saves either way.
+    if UI_CACHE.is_dir():
+        shutil.copytree(UI_CACHE, home / "ui", symlinks=True)
     port = _free_port()
     env = {**os.environ, "BACKPROPAGATE_HOME": str(home), "HF_HUB_OFFLINE": "1"}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
@@ -91,6 +97,9 @@ def ui_server() -> Iterator[UiServer]:
         else:
             pytest.fail(f"backprop ui did not print its URL:\n{log.read_text()[-3000:]}")
         base = login_url.split("/?")[0].split("?")[0].rstrip("/")
+        if (home / "ui").is_dir():
+            shutil.rmtree(UI_CACHE, ignore_errors=True)
+            shutil.copytree(home / "ui", UI_CACHE, symlinks=True, ignore=shutil.ignore_patterns(".states"))
         yield UiServer(proc, base, login_url, home, log)
     finally:
         if proc.poll() is None:

@@ -158,10 +158,9 @@ class NewRunState(rx.State):
 
     def _estimate(self) -> None:
         model = self.values.get("model", "")
-        folder = model if Path(model).is_dir() else str(service.get_settings().models_dir / model)
         try:
             est = service.memory_estimate(
-                folder, form_to_config(self.values) | {"method": self.values["method"]}
+                model, form_to_config(self.values) | {"method": self.values["method"]}
             )
         except Exception:  # noqa: BLE001 - an estimate is a hint; a bad value is reported on submit
             est = None

@@ -17,7 +17,8 @@ def chat_page() -> rx.Component:
             id="chat-missing",
         ),
         rx.text(
-            "Export the run to GGUF and serve it with llama.cpp's OpenAI-compatible server to chat with it.",
+            "Export the run on the Export page, then chat with it in a terminal with `backprop chat RUN_ID`"
+            " or serve it with `backprop serve RUN_ID`.",
             margin_top="1em",
         ),
     )

@@ -239,12 +239,25 @@ async def list_models() -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def memory_estimate(model_dir: str | None, config: dict[str, Any]) -> dict[str, Any] | None:
+def model_folder(model: str) -> str | None:
+    """The local folder of a model name (a demo name or a folder), None for a hub id."""
+    try:
+        from backpropagate.models.demo import DEMO_NAMES, demo_path
+    except ImportError:
+        DEMO_NAMES, demo_path = (), None  # noqa: N806
+    if model in DEMO_NAMES and demo_path is not None:
+        return str(demo_path(model))
+    folder = Path(model).expanduser()
+    return str(folder) if folder.is_dir() else None
+
+
+def memory_estimate(model: str, config: dict[str, Any]) -> dict[str, Any] | None:
     """Peak memory for the chosen settings when the model's config.json is on disk, else None."""
     try:
         from backpropagate.training import memory
     except ImportError:
         return None
+    model_dir = model_folder(model)
     if not model_dir or not (Path(model_dir) / "config.json").exists():
         return None
     shape = memory.shape_from_path(Path(model_dir))
