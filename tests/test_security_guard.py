@@ -112,6 +112,7 @@ class Server:
     mode: str
     token: str | None
     proc: subprocess.Popen
+    log: Path
 
     @property
     def base(self) -> str:
@@ -147,7 +148,7 @@ def start_server(tmp: Path, policy: SecurityPolicy, token: str | None, relaxed: 
     args = [sys.executable, __file__, str(policy.port)] + (["relaxed"] if relaxed else [])
     log = open(tmp / f"server-{policy.port}.log", "wb")  # noqa: SIM115 - lives as long as the server
     proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp)
-    server = Server(policy.port, policy.mode, token, proc)
+    server = Server(policy.port, policy.mode, token, proc, tmp / f"server-{policy.port}.log")
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -437,6 +438,9 @@ def test_security_login_brute_force_rate_limited(strict_server: Server) -> None:
     with strict_server.client(bystander) as c:
         r = c.post("/api/auth/login", json={"username": "alice", "password": PASSWORD}, headers=origin)
         assert r.status_code == 200  # other addresses are not locked out
+    log = strict_server.log.read_text()
+    assert "failed logins from 127.0.0.5 reached the limit" in log
+    assert PASSWORD not in log and "guess" not in log  # attempts are logged by address only
 
 
 def test_security_session_expires(strict_server: Server) -> None:

@@ -7,6 +7,7 @@ import time
 from urllib.parse import parse_qs
 
 from backpropagate.errors import ErrorCode
+from backpropagate.logs import get_logger
 from backpropagate.server.security.asgi import (
     GUARDED,
     ASGIApp,
@@ -18,6 +19,8 @@ from backpropagate.server.security.asgi import (
     refuse,
 )
 from backpropagate.server.security.policy import is_loopback
+
+log = get_logger(__name__)
 
 LOGIN_PATHS = frozenset({"/login", "/api/auth/login"})
 
@@ -64,7 +67,12 @@ class LoginThrottle:
         self.buckets = TokenBuckets(failures, failures / (per_minutes * 60.0))
 
     def record_failure(self, ip: str) -> None:
+        # The address only: a mistyped password often lands in the user name field.
         self.buckets.take(ip)
+        if self.blocked(ip):
+            log.warning("failed logins from %s reached the limit; refusing its attempts for now", ip)
+        else:
+            log.info("failed login from %s", ip)
 
     def blocked(self, ip: str) -> bool:
         return self.buckets.empty(ip)
