@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -275,7 +276,10 @@ def _make_trainable(config: RunConfig, model: Any, gradient_checkpointing: bool)
         model.enable_input_require_grads()  # frozen embeddings would cut the graph otherwise
     # Seeded so that the LoRA initialisation is the same for the same seed.
     torch.manual_seed(config.seed)
-    return get_peft_model(model, _lora_config(config))
+    with warnings.catch_warnings():
+        # PEFT asks transformers 5 a question by its deprecated name; nothing for a user to do.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(model, _lora_config(config))
 
 
 def _load_unsloth(config: RunConfig, path: str, dtype: Any, gradient_checkpointing: bool) -> tuple[Any, Any]:
