@@ -48,7 +48,7 @@ class DemoSpec:
     num_kv_heads: int = 2
     steps: int = 120
     batch_size: int = 8
-    seq_len: int = 128
+    seq_len: int = 64
     lr: float = 3e-3
 
 
@@ -133,7 +133,7 @@ def make_demo_models(
     out: dict[str, Path] = {}
     with _build_lock(models_dir):
         _remove_stale_partials(models_dir)
-        tokenizer = None
+        tokenizer = stream = None
         for name in wanted:
             target = models_dir / name
             out[name] = target
@@ -141,9 +141,12 @@ def make_demo_models(
                 continue
             if tokenizer is None:
                 tokenizer = build_tokenizer()
+                stream = corpus_token_stream(tokenizer)
             partial = models_dir / f".{name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
             try:
-                _build_one(name, SPECS[name], tokenizer, partial, seed=seed, steps=steps, progress=progress)
+                _build_one(
+                    name, SPECS[name], tokenizer, stream, partial, seed=seed, steps=steps, progress=progress
+                )
                 _replace_dir(partial, target)
             finally:
                 shutil.rmtree(partial, ignore_errors=True)
@@ -258,6 +261,7 @@ def _build_one(
     name: str,
     spec: DemoSpec,
     tokenizer: Any,
+    stream: list[int],
     folder: Path,
     *,
     seed: int,
@@ -266,13 +270,14 @@ def _build_one(
 ) -> None:
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig
+    from transformers.utils import logging as hf_logging
 
     started = time.monotonic()
     total = spec.steps if steps is None else steps
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(model_config(spec, tokenizer), dtype=torch.float32)
-    stream = torch.tensor(corpus_token_stream(tokenizer), dtype=torch.long)
-    losses = train_on_stream(model, stream, spec, steps=total, seed=seed, progress=progress, name=name)
+    tokens = torch.tensor(stream, dtype=torch.long)
+    losses = train_on_stream(model, tokens, spec, steps=total, seed=seed, progress=progress, name=name)
 
     folder.mkdir(parents=True)
     model.generation_config = GenerationConfig(
@@ -281,7 +286,14 @@ def _build_one(
         pad_token_id=tokenizer.pad_token_id,
         max_new_tokens=64,
     )
-    model.save_pretrained(folder)
+    # transformers draws a progress bar per saved shard; it would garble the CLI's own bar.
+    bars_were_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model.save_pretrained(folder)
+    finally:
+        if bars_were_on:
+            hf_logging.enable_progress_bar()
     tokenizer.save_pretrained(folder)
     info = {
         "name": name,
@@ -328,20 +340,28 @@ def train_on_stream(
         t = (step - warmup) / max(1, steps - warmup)
         return spec.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
 
+    # One thread: these matrices are too small to gain from more, a busy machine makes extra
+    # threads spin against each other (measured 7x slower wall time under load), and the
+    # result is bit-identical on any machine regardless of its core count.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     model.train()
     losses = []
-    for step in range(steps):
-        batch = sample_windows(stream, spec.batch_size, spec.seq_len, generator)
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step)
-        loss = model(input_ids=batch, labels=batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(round(loss.item(), 4))
-        if progress is not None:
-            progress(name, step + 1, steps)
+    try:
+        for step in range(steps):
+            batch = sample_windows(stream, spec.batch_size, spec.seq_len, generator)
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step)
+            loss = model(input_ids=batch, labels=batch).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(round(loss.item(), 4))
+            if progress is not None:
+                progress(name, step + 1, steps)
+    finally:
+        torch.set_num_threads(threads)
     model.eval()
     return losses
 
