@@ -162,7 +162,7 @@ def register(app: typer.Typer) -> None:
         meta_path = gguf.parent / "export.json"
         meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
         template = meta.get("chat_template") or read_chat_template(gguf.parent)
-        OllamaClient().create(name, gguf, template, meta.get("context_length"))
+        OllamaClient().create(name, gguf, template, meta.get("context_length"), meta.get("eos_token"))
         print(f"registered {name}: `ollama run {name}`")
 
     @ollama_app.command("list")

@@ -18,45 +18,94 @@ from backpropagate.errors import BackpropError, ErrorCode
 
 DEFAULT_HOST = "http://127.0.0.1:11434"
 
-# Chat templates translated to Go template syntax (what Ollama's TEMPLATE uses), by family.
-# System prompts arrive as messages with role "system" when a template ranges over .Messages.
-GO_TEMPLATES = {
-    "chatml": (
-        "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n"
-    ),
-    "llama3": (
-        "{{- range .Messages }}<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n"
-        "{{ .Content }}<|eot_id|>{{ end }}<|start_header_id|>assistant<|end_header_id|>\n\n"
-    ),
-}
-STOP_TOKENS = {"chatml": ["<|im_end|>", "<|endoftext|>"], "llama3": ["<|eot_id|>", "<|end_of_text|>"]}
+_PROBE = [
+    ("system", "\x01SYS\x01"),
+    ("user", "\x01USR1\x01"),
+    ("assistant", "\x01AST\x01"),
+    ("user", "\x01USR2\x01"),
+]
 
 
-def template_family(chat_template: str | None) -> str | None:
-    """Which known chat format an HF (Jinja) chat template writes, or None."""
+def _render_hf(template: str, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    rendered, _ = render_jinja_template(
+        conversations=[messages],
+        chat_template=template,
+        add_generation_prompt=add_generation_prompt,
+        bos_token="",
+        eos_token="",
+    )
+    return rendered[0]
+
+
+def translate_chat_template(chat_template: str | None) -> tuple[str, str] | None:
+    """Derive a Go template (Ollama's TEMPLATE) from an HF chat template, with its end-of-turn text.
+
+    The HF template is rendered on a probe conversation; when every message comes out as
+    ``PREFIX(role) content SUFFIX`` with one PREFIX shape and one SUFFIX (ChatML, Llama 3 and
+    their variants), the same shape is written as ``range .Messages``. Anything else returns None
+    and Ollama falls back to the template stored in the GGUF.
+    """
     if not chat_template:
         return None
-    if "<|im_start|>" in chat_template:
-        return "chatml"
-    if "<|start_header_id|>" in chat_template:
-        return "llama3"
-    return None
+    from backpropagate.export.gguf_convert import strip_generation_markers
+
+    template = strip_generation_markers(chat_template)
+    messages = [{"role": r, "content": c} for r, c in _PROBE]
+    try:
+        full = _render_hf(template, messages, True)
+        plain = _render_hf(template, messages, False)
+    except Exception:  # noqa: BLE001 - a template we cannot run is a template we cannot translate
+        return None
+    if not full.startswith(plain):
+        return None
+    positions, cursor = [], 0
+    for _, content in _PROBE:
+        at = plain.find(content, cursor)
+        if at < 0:
+            return None
+        positions.append(at)
+        cursor = at + len(content)
+    prefix_system = plain[: positions[0]]
+    if "system" not in prefix_system:
+        return None
+    shape = prefix_system.split("system")
+
+    def prefix(role: str) -> str:
+        return role.join(shape)
+
+    suffix = plain[positions[-1] + len(_PROBE[-1][1]) :]
+    for k in range(1, len(_PROBE)):
+        between = plain[positions[k - 1] + len(_PROBE[k - 1][1]) : positions[k]]
+        if between != suffix + prefix(_PROBE[k][0]):
+            return None
+    if full[len(plain) :] != prefix("assistant"):
+        return None
+    go = "{{- range .Messages }}" + "{{ .Role }}".join(shape) + "{{ .Content }}" + suffix + "{{ end }}"
+    return go + prefix("assistant"), suffix.strip()
 
 
-def modelfile_parts(chat_template: str | None, context_length: int | None = None) -> dict[str, Any]:
+def modelfile_parts(
+    chat_template: str | None, context_length: int | None = None, eos_token: str | None = None
+) -> dict[str, Any]:
     """Template and parameters for a model with this chat template (shared by Modelfile and API)."""
-    family = template_family(chat_template)
+    translated = translate_chat_template(chat_template)
     parameters: dict[str, Any] = {}
-    if family:
-        parameters["stop"] = STOP_TOKENS[family]
+    if translated:
+        stops = [t for t in (translated[1], eos_token) if t]
+        if stops:
+            parameters["stop"] = list(dict.fromkeys(stops))
     if context_length:
         parameters["num_ctx"] = min(int(context_length), 4096)
-    return {"template": GO_TEMPLATES.get(family or ""), "parameters": parameters, "family": family}
+    return {"template": translated[0] if translated else None, "parameters": parameters}
 
 
-def render_modelfile(gguf_name: str, chat_template: str | None, context_length: int | None = None) -> str:
+def render_modelfile(
+    gguf_name: str, chat_template: str | None, context_length: int | None = None, eos_token: str | None = None
+) -> str:
     """Modelfile text: FROM the GGUF (relative to the Modelfile), TEMPLATE, stop tokens, PARAMETERs."""
-    parts = modelfile_parts(chat_template, context_length)
+    parts = modelfile_parts(chat_template, context_length, eos_token)
     lines = [f"FROM ./{gguf_name}"]
     if parts["template"]:
         lines.append(f'TEMPLATE """{parts["template"]}"""')
@@ -131,17 +180,23 @@ class OllamaClient:
             with open(path, "rb") as f:
                 yield from iter(lambda: f.read(1 << 20), b"")
 
-        self._check(
-            self._request("POST", f"/api/blobs/{digest}", content=stream), f"the upload of {path.name}"
-        )
+        # A known length (not chunked encoding): streams the file without holding it in memory.
+        headers = {"Content-Length": str(path.stat().st_size), "Content-Type": "application/octet-stream"}
+        resp = self._request("POST", f"/api/blobs/{digest}", content=stream, headers=headers)
+        self._check(resp, f"the upload of {path.name}")
         return digest
 
     def create(
-        self, name: str, gguf_path: Path, chat_template: str | None, context_length: int | None = None
+        self,
+        name: str,
+        gguf_path: Path,
+        chat_template: str | None,
+        context_length: int | None = None,
+        eos_token: str | None = None,
     ) -> dict:
         """Register ``name`` from a GGUF: upload the blob, then /api/create with template and parameters."""
         digest = self.upload_blob(gguf_path)
-        parts = modelfile_parts(chat_template, context_length)
+        parts = modelfile_parts(chat_template, context_length, eos_token)
         body: dict[str, Any] = {"model": name, "files": {gguf_path.name: digest}, "stream": False}
         if parts["template"]:
             body["template"] = parts["template"]

@@ -137,7 +137,11 @@ def export_run(
                 else {}
             )
             OllamaClient().create(
-                ollama_name, Path(result.path), config.get("chat_template"), config.get("context_length")
+                ollama_name,
+                Path(result.path),
+                config.get("chat_template"),
+                config.get("context_length"),
+                config.get("eos_token"),
             )
             result.ollama_model = ollama_name
             report("ollama", 1, 1)
@@ -202,12 +206,25 @@ def _export_gguf(
         # 4. Ollama Modelfile next to the GGUF, and what registration needs later.
         template = read_chat_template(model_dir)
         ctx = config.get("max_position_embeddings")
-        (out_dir / "Modelfile").write_text(render_modelfile(gguf_path.name, template, ctx))
-        meta = {"gguf": gguf_path.name, "quantization": q, "chat_template": template, "context_length": ctx}
+        eos = _eos_token(model_dir)
+        (out_dir / "Modelfile").write_text(render_modelfile(gguf_path.name, template, ctx, eos))
+        meta = {
+            "gguf": gguf_path.name,
+            "quantization": q,
+            "chat_template": template,
+            "context_length": ctx,
+            "eos_token": eos,
+        }
         (out_dir / "export.json").write_text(json.dumps(meta, indent=2) + "\n")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return ExportResult("gguf", q, str(gguf_path), str(out_dir), verification=verification, warnings=warnings)
+
+
+def _eos_token(model_dir: Path) -> str | None:
+    path = model_dir / "tokenizer_config.json"
+    eos = json.loads(path.read_text()).get("eos_token") if path.is_file() else None
+    return eos.get("content") if isinstance(eos, dict) else eos
 
 
 def _base_config(src: ExportSource) -> dict[str, Any]:
