@@ -18,7 +18,7 @@ def test_log_tail_returns_complete_lines_only(tmp_path):
     with EventLog(path, "r") as log:
         log.append(Step(step=1, total_steps=2, epoch=0.5, loss=1.0, lr=0.1))
     tail = LogTail(path)
-    assert [e.seq for e in tail.read()] == [1]
+    assert [(e.seq, e.text) for e in tail.read_lines()] == [(1, path.read_text().strip())]
     line = Step(step=2, total_steps=2, epoch=1, loss=1.0, lr=0.1, run_id="r", seq=2, ts=1.0).model_dump_json()
     with path.open("a") as fh:
         fh.write(line[:20])  # a writer caught mid-line

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from backpropagate.events import FINAL_TYPES, EventBase, parse_event, read_events
+from backpropagate.events import FINAL_TYPES, EventBase, parse_event
 from backpropagate.logs import get_logger
 from backpropagate.runs.store import Run, Store
 
@@ -50,6 +50,31 @@ class Subscription:
             return False
 
 
+@dataclass(frozen=True, slots=True)
+class Line:
+    """One event with its JSON text as written in the log: sent as is, never re-serialised."""
+
+    event: EventBase
+    text: str
+
+    @property
+    def seq(self) -> int:
+        return self.event.seq
+
+    @property
+    def type(self) -> str:
+        return self.event.type  # type: ignore[attr-defined]
+
+
+def parse_lines(raw: list[bytes]) -> list[Line]:
+    out = []
+    for line in raw:
+        line = line.strip()
+        if line:
+            out.append(Line(parse_event(line), line.decode()))
+    return out
+
+
 class LogTail:
     """Incremental reader of one ``events.jsonl``: complete lines only, from a byte offset."""
 
@@ -65,6 +90,9 @@ class LogTail:
             return 0
 
     def read(self) -> list[EventBase]:
+        return [line.event for line in self.read_lines()]
+
+    def read_lines(self) -> list[Line]:
         try:
             with self.path.open("rb") as fh:
                 fh.seek(self.offset)
@@ -75,7 +103,7 @@ class LogTail:
         data = self._partial + data
         lines = data.split(b"\n")
         self._partial = lines.pop()  # b"" after a complete line; else a line still being written
-        return [parse_event(line) for line in lines if line.strip()]
+        return parse_lines(lines)
 
 
 OnEnd = Callable[[str, Run | None, bool], Awaitable[None]]
@@ -114,12 +142,12 @@ class EventHub:
         try:
             while True:
                 exited = not alive()  # checked before reading: anything written before exit is read
-                events: list[EventBase] = []
+                events: list[Line] = []
                 if tail.size() > tail.offset:
-                    events = await asyncio.to_thread(tail.read)
+                    events = await asyncio.to_thread(tail.read_lines)
                 if events:
                     for event in events:
-                        kind = event.type  # type: ignore[attr-defined]
+                        kind = event.type
                         if kind == "run_started":
                             saw_final = False
                         elif kind in FINAL_TYPES:
@@ -127,11 +155,13 @@ class EventHub:
                     fresh = [e for e in events if e.seq > last_seq]
                     if fresh:
                         before = run.status if run else None
-                        run = await asyncio.to_thread(self.store.apply_events, run_id, fresh)
+                        run = await asyncio.to_thread(
+                            self.store.apply_events, run_id, [e.event for e in fresh]
+                        )
                         last_seq = run.last_seq
                         for event in fresh:
                             self._publish(run_id, event)
-                        if run.status != before or any(e.type == "step" for e in fresh):  # type: ignore[attr-defined]
+                        if run.status != before or any(e.type == "step" for e in fresh):
                             self.publish_status(run)
                     continue  # read again at once: more may be waiting
                 if exited:
@@ -157,7 +187,7 @@ class EventHub:
                 await task
 
     # Fan-out ------------------------------------------------------------------
-    def _publish(self, run_id: str, event: EventBase) -> None:
+    def _publish(self, run_id: str, event: Line) -> None:
         subs = self._subs.get(run_id)
         if not subs:
             return
@@ -197,7 +227,7 @@ class EventHub:
     # Streams ------------------------------------------------------------------
     async def stream(
         self, run_id: str, after: int = 0, heartbeat_s: float = HEARTBEAT_S
-    ) -> AsyncIterator[EventBase | None]:
+    ) -> AsyncIterator[Line | None]:
         """Events of ``run_id`` with seq > ``after``: history, then live; ``None`` is a heartbeat.
 
         Ends after a final event once the run is no longer live, or when its tail ends.
@@ -242,7 +272,7 @@ class EventHub:
                     else:
                         yield item
                         last = item.seq
-                        if item.type in FINAL_TYPES:  # type: ignore[attr-defined]
+                        if item.type in FINAL_TYPES:
                             return
             finally:
                 self.unsubscribe(sub)
@@ -255,8 +285,15 @@ class EventHub:
         return run is not None and run.status == "queued"
 
 
-def _read_after(path: Path, after: int) -> list[EventBase]:
-    return list(read_events(path, after))
+def _read_after(path: Path, after: int) -> list[Line]:
+    """Complete lines of the log with seq > ``after`` (a torn last line is left for later)."""
+    try:
+        with path.open("rb") as fh:
+            raw = fh.read()
+    except FileNotFoundError:
+        return []
+    complete = raw[: raw.rfind(b"\n") + 1]
+    return [line for line in parse_lines(complete.split(b"\n")) if line.seq > after]
 
 
 def run_status_message(run: Run) -> dict[str, Any]:

@@ -14,7 +14,6 @@ import json
 from fastapi import APIRouter, Query, WebSocket, WebSocketDisconnect
 
 from backpropagate.errors import BackpropError
-from backpropagate.events import event_json
 from backpropagate.runs.hub import HEARTBEAT_S, run_status_message
 
 router = APIRouter(tags=["events"])
@@ -45,7 +44,7 @@ async def run_events(ws: WebSocket, run_id: str, after: int = Query(0, ge=0)) ->
         async for event in service.hub.stream(run_id, after, heartbeat_s=heartbeat):
             if reader.done():
                 return
-            await ws.send_text(HEARTBEAT if event is None else event_json(event))
+            await ws.send_text(HEARTBEAT if event is None else event.text)
         await ws.close(code=1000)
     except (WebSocketDisconnect, RuntimeError):
         pass  # the client went away
