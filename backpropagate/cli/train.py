@@ -84,6 +84,7 @@ def register(app: typer.Typer) -> None:
             print(json.dumps(result.to_dict(), default=str))
         elif result.status == "cancelled":
             print(f"stopped at step {result.step}; resume with: backprop train --resume {result.run_id}")
+            raise typer.Exit(130)  # the shell's convention for "interrupted by Ctrl-C"
         else:
             loss = f"{result.final_loss:.4f}" if result.final_loss is not None else "-"
             evl = f", eval loss {result.eval_loss:.4f}" if result.eval_loss is not None else ""
