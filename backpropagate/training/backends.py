@@ -307,6 +307,16 @@ def _load_unsloth(config: RunConfig, path: str, dtype: Any, gradient_checkpointi
     return model, tokenizer
 
 
+def preload_unsloth(config: RunConfig, device: Any) -> None:
+    """Import Unsloth before anything imports transformers, so that its patches apply."""
+    if device.type != "cuda" or config.backend == "transformers" or config.use_dora:
+        return
+    try:
+        import unsloth  # noqa: F401
+    except Exception as exc:  # reported when the model is loaded
+        log.info("Unsloth not importable: %s", exc)
+
+
 def load_model(
     config: RunConfig,
     emit: Callable[[EventBase], None],

@@ -45,6 +45,7 @@ from backpropagate.training.backends import (
     load_model,
     load_tokenizer,
     pick_device,
+    preload_unsloth,
     resolve_model_path,
 )
 from backpropagate.training.control import RunControl
@@ -158,15 +159,15 @@ def run_training(
 
 # 1. Setup: validate against the machine, load data and model, restore a checkpoint ---------------
 def setup(config: RunConfig, run_dir: Path, emit: Emit, control: RunControl) -> Run:
-    import torch
-    from transformers import set_seed
-
-    from backpropagate.data import collate, prepare_datasets
-
     run_id = run_dir.name
     log = get_logger(__name__, run_id=run_id)
     device = pick_device(config)
     check_machine(config, device)  # fail before minutes of loading, not after
+    preload_unsloth(config, device)
+    import torch
+    from transformers import set_seed
+
+    from backpropagate.data import collate, prepare_datasets
 
     emit(Status(status="running", phase="loading_model", message=f"Loading {config.model}"))
     model_path = resolve_model_path(config.model)
@@ -506,6 +507,8 @@ def save(run: Run, result: TrainResult, started: float) -> None:
         "backend": run.loaded.backend,
         "device": str(run.loaded.device),
         "precision": run.loaded.precision,
+        "liger": run.loaded.liger,
+        "gradient_checkpointing": run.loaded.gradient_checkpointing,
         "model": run.config.model,
         "adapter_path": str(out),
         **metrics,

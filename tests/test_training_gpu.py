@@ -1,0 +1,101 @@
+"""GPU tier: the engine's CUDA paths (Unsloth, bf16/fp16, QLoRA, Liger, OOM recovery, auto batch).
+
+Skipped without a CUDA GPU. On a GPU machine: ``pytest tests/test_training_gpu.py -q``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+from backpropagate.config import RunConfig  # noqa: E402
+from backpropagate.training import run_training  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory, home) -> Path:
+    from backpropagate.models.demo import resolve_model
+
+    resolve_model("demo")
+    path = tmp_path_factory.mktemp("gpu") / "facts.jsonl"
+    rows = [
+        {"messages": [{"role": "user", "content": f"What is {i} times two?"},
+                      {"role": "assistant", "content": f"{i} times two is {2 * i}."}]}
+        for i in range(16)
+    ]  # fmt: skip
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def run(data: Path, run_dir: Path, **overrides):
+    fields = dict(
+        model="demo", data=str(data), packing=True, max_seq_len=128, batch_size=4, grad_accum=1,
+        lr=5e-3, lora_r=16, eval_fraction=0.0, steps=12, seed=0, lr_scheduler="constant",
+    )  # fmt: skip
+    fields.update(overrides)
+    events: list = []
+    result = run_training(RunConfig(**fields), run_dir, events.append)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    return result, events, metrics
+
+
+def started(events):
+    return next(e for e in events if e.type == "run_started")
+
+
+# First: Unsloth wants to be imported before transformers in the process.
+def test_unsloth_backend(data, tmp_path, monkeypatch):
+    pytest.importorskip("unsloth")
+    monkeypatch.chdir(tmp_path)  # Unsloth writes a compile cache into the working directory
+    result, events, metrics = run(data, tmp_path / "run", backend="unsloth", unsloth_fallback=False)
+    assert started(events).backend == "unsloth" and metrics["precision"] == "bf16"
+    assert result.history[-1]["loss"] < result.history[0]["loss"]
+
+
+def test_transformers_bf16_lora_with_liger(data, tmp_path):
+    result, events, metrics = run(data, tmp_path / "run", backend="transformers", use_liger="auto")
+    assert started(events).backend == "transformers" and started(events).device.startswith("cuda")
+    assert metrics["precision"] == "bf16" and metrics["peak_memory_mb"] > 0
+    try:
+        import liger_kernel  # noqa: F401
+
+        assert metrics["liger"] is True
+    except ImportError:
+        assert metrics["liger"] is False
+    assert result.history[-1]["loss"] < result.history[0]["loss"] * 0.8
+
+
+def test_fp16_with_grad_scaler(data, tmp_path):
+    result, _, metrics = run(data, tmp_path / "run", backend="transformers", precision="fp16")
+    assert metrics["precision"] == "fp16"
+    assert all(h["loss"] == h["loss"] for h in result.history)  # no NaN
+    assert result.history[-1]["loss"] < result.history[0]["loss"]
+
+
+def test_qlora(data, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    result, _, metrics = run(data, tmp_path / "run", backend="transformers", method="qlora")
+    assert result.status == "completed" and metrics["trainable_params"] < metrics["total_params"]
+    assert result.history[-1]["loss"] < result.history[0]["loss"]
+
+
+def test_oom_recovery_on_gpu(data, tmp_path, monkeypatch):
+    monkeypatch.setenv("BACKPROPAGATE_FAULT_OOM_AT_STEP", "3")
+    result, events, _ = run(data, tmp_path / "run", backend="transformers")
+    ooms = [e for e in events if e.type == "oom_recovered"]
+    assert [(o.old_micro_batch, o.new_micro_batch, o.grad_accum) for o in ooms] == [(4, 2, 2)]
+    assert result.status == "completed"
+
+
+def test_auto_batch_and_resume(data, tmp_path):
+    result, _, metrics = run(data, tmp_path / "run", backend="transformers", batch_size="auto", save_every=5)
+    assert metrics["micro_batch"] >= 1 and result.status == "completed"
+    assert (tmp_path / "run" / "checkpoints" / "step-000010").is_dir()
