@@ -52,6 +52,9 @@ class Trainer:
         self, data: str | Path, steps: int | None = None, epochs: float | None = None
     ) -> RunConfig:
         """The validated RunConfig a ``train()`` call would use (CONFIG_INVALID lists every problem)."""
+        local = Path(data).expanduser()
+        # Absolute, so that the run's saved config resumes from any working directory.
+        data = local.resolve() if local.exists() else data
         fields: dict[str, Any] = {**self.overrides, "model": self.model, "data": str(data)}
         if steps is not None:
             fields["steps"] = steps

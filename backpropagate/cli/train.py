@@ -30,6 +30,11 @@ def build_config(options: dict[str, Any]) -> Any:
     from backpropagate.config import RunConfig
 
     fields = {k: v for k, v in options.items() if v is not None}
+    for key in ("model", "data", "eval_data"):  # the saved config must work from any directory
+        if key == "model" and fields.get(key, "").startswith("demo"):
+            continue  # demo names win over a folder of the same name, as in resolve_model
+        if key in fields and Path(fields[key]).expanduser().exists():
+            fields[key] = str(Path(fields[key]).expanduser().resolve())
     model = fields.get("model", "demo")
     if model.startswith("demo") and "steps" not in fields and "epochs" not in fields:
         for key, value in DEMO_DEFAULTS.items():
