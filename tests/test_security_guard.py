@@ -408,12 +408,12 @@ def test_security_ssh_tunnel_port_and_ipv6_loopback(server: Server) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# Strict limits and expiry: a server with the default limits and two-second sessions
+# Strict limits and expiry: a server with the default limits and three-second sessions
 # --------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def strict_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     tmp = tmp_path_factory.mktemp("guard-strict")
-    policy, token = make_policy("basic", free_port(), session_hours=2 / 3600)
+    policy, token = make_policy("basic", free_port(), session_hours=3 / 3600)
     srv = start_server(tmp, policy, token, relaxed=False)
     yield srv
     stop_server(srv)
@@ -448,7 +448,7 @@ def test_security_session_expires(strict_server: Server) -> None:
     cookie = login_cookie(strict_server, source="127.0.0.7")
     with strict_server.client() as c:
         assert c.get("/api/auth/me", headers={"cookie": cookie}).status_code == 200
-        time.sleep(3.1)
+        time.sleep(4.2)
         r = c.get("/api/auth/me", headers={"cookie": cookie})
         assert r.status_code == 401 and r.json()["code"] == "AUTH_REQUIRED"
 
