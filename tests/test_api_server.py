@@ -24,6 +24,7 @@ from websockets.sync.client import connect
 from backpropagate.events import read_events
 
 pytestmark = pytest.mark.slow
+REPO_EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
 def _free_port() -> int:
@@ -33,14 +34,20 @@ def _free_port() -> int:
 
 
 class Server:
-    def __init__(self, home: Path, **env: str) -> None:
+    def __init__(self, home: Path, *, engine: bool = False, **env: str) -> None:
+        """A server on a free loopback port; workers run the stand-in engine unless ``engine``."""
         self.home = home
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.env = standin_env(BACKPROPAGATE_HOME=str(home), **env)
+        if engine:
+            self.env = {**os.environ, "BACKPROPAGATE_HOME": str(home), **env}
+            self.env.pop("BACKPROPAGATE_ENGINE", None)
+        else:
+            self.env = standin_env(BACKPROPAGATE_HOME=str(home), **env)
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> Server:
+        self.home.mkdir(parents=True, exist_ok=True)
         log = (self.home.parent / f"server-{self.port}.log").open("ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "backpropagate", "serve-api", "--port", str(self.port), "--log-level", "warning"],

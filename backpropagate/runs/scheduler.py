@@ -127,6 +127,8 @@ class Scheduler:
                 if run is None or run.status != "queued":
                     self.queue.popleft()
                     continue
+                if run.id in self.workers:
+                    return  # its previous worker is still exiting; _on_end schedules again
                 need = self.gpus_needed(run.config)
                 free = self._free_gpus()
                 if need > len(free) or (need == 0 and self._cpu_runs() >= self.max_cpu_runs):
@@ -220,7 +222,9 @@ class Scheduler:
 
     async def resume(self, run_id: str) -> Run:
         run = await asyncio.to_thread(self.store.get_run, run_id)
-        if run.status not in RESUMABLE_STATUSES or run_id in self.workers:
+        # Its old worker may still be exiting after its final event: the run then waits in the
+        # queue until that process is gone (schedule() skips runs that still have a worker).
+        if run.status not in RESUMABLE_STATUSES:
             raise BackpropError(
                 ErrorCode.STATE_RUN_NOT_RESUMABLE,
                 f"Run {run_id} is {run.status}; only {', '.join(sorted(RESUMABLE_STATUSES))} runs resume.",

@@ -2,7 +2,8 @@
 
 Allowed bases: data files inside the uploads folder (``datasets_dir``), the repository's
 ``examples/`` folder, BACKPROPAGATE_HOME or the user's home folder; local model folders inside
-``models_dir``, BACKPROPAGATE_HOME or the user's home. Output folders may not be system or
+``models_dir``, BACKPROPAGATE_HOME or the user's home. A relative path resolves against the first
+of these folders where it exists (data also against the repository root, for ``examples/...``). Output folders may not be system or
 credential folders. Names that are not paths (``demo``, hub ids like ``org/name``) pass unchanged.
 """
 
@@ -43,8 +44,17 @@ def resolve_data(value: str, settings: Settings, store: Store) -> str:
     if uploaded is not None:
         return uploaded.stored_path
     if _is_path(value, settings.datasets_dir):
-        return str(safe_path(value, *data_bases(settings)))
+        return str(_resolve_in(value, data_bases(settings) + [EXAMPLES_DIR.parent]))
     return value  # a hub data set id
+
+
+def _resolve_in(value: str, bases: list[Path]) -> Path:
+    """A relative path resolves against the first base where it exists (else the first base)."""
+    if not Path(value).is_absolute() and not value.startswith("~"):
+        for base in bases:
+            if (base / value).exists():
+                return safe_path(base / value, *bases[:-1])
+    return safe_path(value, *bases[:-1])
 
 
 def resolve_model(value: str, settings: Settings) -> str:
@@ -53,7 +63,7 @@ def resolve_model(value: str, settings: Settings) -> str:
     if value in DEMO_NAMES:
         return value
     if _is_path(value, settings.models_dir):
-        return str(safe_path(value, *model_bases(settings)))
+        return str(_resolve_in(value, model_bases(settings) + [settings.models_dir]))
     return value
 
 
