@@ -33,40 +33,48 @@ def free_port() -> int:
 
 
 class Forwarder:
-    """A byte-for-byte TCP forwarder (what `ssh -L` does) on its own event loop thread."""
+    """A byte-for-byte TCP forwarder (what `ssh -L` does), run by asyncio in a thread."""
 
     def __init__(self, listen_port: int, target_port: int) -> None:
         self.listen_port, self.target_port = listen_port, target_port
         self.connections = 0
-        self.loop = asyncio.new_event_loop()
         self.ready = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread = threading.Thread(target=asyncio.run, args=(self._main(),), daemon=True)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
 
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    @staticmethod
+    async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while data := await reader.read(65536):
                 writer.write(data)
                 await writer.drain()
-        except (ConnectionError, asyncio.CancelledError):
+        except ConnectionError:
             pass
         finally:
             writer.close()
 
     async def _handle(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
         self.connections += 1
-        server_r, server_w = await asyncio.open_connection("127.0.0.1", self.target_port)
+        try:
+            server_r, server_w = await asyncio.open_connection("127.0.0.1", self.target_port)
+        except OSError:
+            client_w.close()
+            return
         await asyncio.gather(self._pipe(client_r, server_w), self._pipe(server_r, client_w))
 
-    def _run(self) -> None:
-        asyncio.set_event_loop(self.loop)
-        server = self.loop.run_until_complete(
-            asyncio.start_server(self._handle, "127.0.0.1", self.listen_port)
-        )
+    async def _main(self) -> None:
+        self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
+        server = await asyncio.start_server(self._handle, "127.0.0.1", self.listen_port)
         self.ready.set()
-        try:
-            self.loop.run_forever()
-        finally:
-            server.close()
+        await self._stop.wait()
+        server.close()
+        # Cancel the open pipes and wait for them; new connections may still arrive meanwhile.
+        current = asyncio.current_task()
+        while tasks := [t for t in asyncio.all_tasks() if t is not current]:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     def __enter__(self) -> Forwarder:
         self.thread.start()
@@ -74,8 +82,10 @@ class Forwarder:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
+        assert self._loop is not None and self._stop is not None
+        self._loop.call_soon_threadsafe(self._stop.set)
+        self.thread.join(15)
+        assert not self.thread.is_alive()
 
 
 @pytest.fixture(scope="module")
