@@ -113,6 +113,18 @@ def test_uploads_type_size_preview_and_use_in_a_run(server):
     preview = server.get(f"/api/datasets/{up['id']}/preview", params={"rows": 3}).json()
     assert preview["rows"] == [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(3)]
     _error(server.get("/api/datasets/ds-nope/preview"), 404, "DATASET_NOT_FOUND")
+    report = server.get(f"/api/datasets/{up['id']}/validate", params={"model": "none"}).json()
+    assert report["ok"] is True and report["rows"] == 7
+    _error(
+        server.get(f"/api/datasets/{up['id']}/validate", params={"model": "/etc"}),
+        403,
+        "INPUT_PATH_TRAVERSAL",
+    )
+    bad = server.post(
+        "/api/datasets", files={"file": ("bad.jsonl", b'{"instruction": "q"}\nnot json\n')}
+    ).json()
+    report = server.get(f"/api/datasets/{bad['id']}/validate", params={"model": "none"}).json()
+    assert report["ok"] is False and report["errors"]
     run = server.post("/api/runs", json={"data": up["id"], "steps": 2, "device": "cpu"}).json()
     assert run["config"]["data"] == str(datasets / f"{up['id']}.jsonl")
     server.wait_status(run["id"], {"completed"})

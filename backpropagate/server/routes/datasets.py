@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import csv
 import json
+import re
 import secrets
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,7 @@ from pydantic import BaseModel
 from backpropagate.errors import BackpropError, ErrorCode
 from backpropagate.runs.store import DatasetRow
 from backpropagate.server.routes.deps import ServiceDep, SettingsDep
+from backpropagate.server.routes.inputs import resolve_model
 
 router = APIRouter(tags=["datasets"])
 
@@ -157,14 +160,30 @@ async def preview_dataset(
 async def validate_dataset(
     dataset_id: str,
     service: ServiceDep,
-    model: str = Query("demo", description="Model whose tokenizer and chat template to check with."),
-    max_seq_len: int = Query(1024, ge=16),
+    settings: SettingsDep,
+    model: str = Query("demo", description="Model whose tokenizer counts tokens; `none` to skip."),
+    max_seq_len: int = Query(1024, ge=16, le=131072),
 ) -> dict[str, Any]:
-    """The data checker's report: format, rows, bad rows, token lengths (runs in a thread)."""
+    """The data checker's report (formats, rows, bad rows, token lengths); ``ok`` says if it can train.
+
+    It runs `backprop data validate --json` in a subprocess: loading a tokenizer pulls in
+    libraries the server process keeps out.
+    """
     row = await asyncio.to_thread(service.store.get_dataset, dataset_id)
+    if model.lower() != "none":
+        model = await asyncio.to_thread(resolve_model, model, settings)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "backpropagate", "data", "validate", row.stored_path,
+        "--model", model, "--max-seq-len", str(max_seq_len), "--json",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(proc.communicate(), 600)
     try:
-        from backpropagate.data import validate_dataset as check
-    except ImportError as exc:
-        raise BackpropError(ErrorCode.DEP_EXTRA_MISSING, f"The data checker is not available: {exc}") from exc
-    report = await asyncio.to_thread(check, Path(row.stored_path), model=model, max_seq_len=max_seq_len)
-    return report.model_dump(mode="json") if hasattr(report, "model_dump") else dict(report)
+        return json.loads(out)
+    except ValueError:
+        match = re.search(r"\[([A-Z_]+)\] (.*)", err.decode(errors="replace"))
+        if match and match.group(1) in ErrorCode.__members__:
+            raise BackpropError(match.group(1), match.group(2)) from None
+        raise BackpropError(
+            ErrorCode.RUNTIME_INTERNAL, f"The data checker failed: {err.decode(errors='replace')[-1000:]}"
+        ) from None
