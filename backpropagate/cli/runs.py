@@ -57,7 +57,7 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
 
     table = Table()
     for col in COLUMNS:
-        table.add_column(col)
+        table.add_column(col, no_wrap=col in ("id", "status"))  # ids are copied from here
     for r in rows:
         created = time.strftime("%Y-%m-%d %H:%M", time.localtime(r["created_at"]))
         step = f"{r['step']}/{r['total_steps']}" if r.get("total_steps") else str(r["step"])
