@@ -130,9 +130,13 @@ def test_stop_then_resume(ui: Page) -> None:
 def test_reload_mid_run_shows_every_step(ui: Page) -> None:
     before = points(ui)
     ui.reload()
-    n = wait_points(ui, max(before, 1), timeout_s=30)
-    # no gap: one chart point per step so far (log_every=1), however the page was (re)loaded
-    step = int(ui.inner_text("#step-text").split()[1])
+    wait_points(ui, max(before, 1), timeout_s=30)
+    # no gap: one chart point per step so far (log_every=1), however the page was (re)loaded;
+    # both numbers are read at once, as one update of the page sets them together
+    count, step_text = ui.evaluate(
+        "[document.querySelector('#point-count').innerText, document.querySelector('#step-text').innerText]"
+    )
+    n, step = int(count.split()[0]), int(step_text.split()[1])
     assert n == step, f"{n} points for step {step}"
     wait_status(ui, {"completed"}, timeout_s=300)
     expect(ui.locator("#final-metrics")).to_be_visible(timeout=20000)

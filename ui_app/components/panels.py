@@ -63,8 +63,7 @@ def timeline_row(entry: rx.Var) -> rx.Component:
             rx.link(entry["code"], href=entry["url"], is_external=True, size="2"),
         ),
         spacing="2",
-        align="center",
-        wrap="wrap",
+        align="start",
         class_name="timeline-entry",
     )
 

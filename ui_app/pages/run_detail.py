@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from typing import Any
 
 import reflex as rx
@@ -55,13 +56,23 @@ class RunDetailState(rx.State):
 
     @rx.event
     def open_run(self) -> Any:
-        run_id = self.router.page.params.get("run_id", "")
+        # Ask the browser for its path: after a client-side navigation the router data of a
+        # mount event can still describe the previous page.
+        return rx.call_script("window.location.pathname", callback=RunDetailState.open_path)
+
+    @rx.event
+    def open_path(self, path: str) -> Any:
+        parts = [p for p in str(path).split("/") if p]
+        if len(parts) != 2 or parts[0] != "runs":
+            return None
+        run_id = parts[1]
         if run_id != self.run_id:
             self.reset()
             self.run_id = run_id
         self.following = True
-        if self._task_run != run_id:
+        if self._task_run.split("#")[0] != run_id:
             return RunDetailState.follow
+        return None
 
     @rx.event
     def leave(self) -> None:
@@ -72,9 +83,10 @@ class RunDetailState(rx.State):
         """Replay the log from the start, then follow it; push at most every PUSH_INTERVAL_S."""
         async with self:
             run_id = self.run_id
-            if self._task_run == run_id or not run_id:
+            if self._task_run.split("#")[0] == run_id or not run_id:
                 return
-            self._task_run = run_id
+            # a token of its own, so a task that ends never clears the marker of its successor
+            mine = self._task_run = f"{run_id}#{uuid.uuid4().hex}"
         view = RunView(run_id=run_id)
         try:
             tail = service.EventTail(run_id)
@@ -98,13 +110,16 @@ class RunDetailState(rx.State):
                 text = await service.log_tail(run_id) if changed else None
                 async with self:
                     if not self.following or self.run_id != run_id:
+                        # cleared under the same lock, so a page opened now starts a new task
+                        if self._task_run == mine:
+                            self._task_run = ""
                         break
                     if changed:
                         self._push(view, row, text)
                 await asyncio.sleep(PUSH_INTERVAL_S)
         finally:
             async with self:
-                if self._task_run == run_id:
+                if self._task_run == mine:
                     self._task_run = ""
 
     def _push(self, view: RunView, row: dict[str, Any], log_text: str | None) -> None:
@@ -134,7 +149,8 @@ class RunDetailState(rx.State):
             return None
         self.message = {"stop": "Stop requested.", "resume": "Resuming…", "clone": "Cloned."}.get(action, "")
         if action == "clone" and new_id:
-            return rx.redirect(f"/runs/{new_id}")
+            # same page component, so no new mount event: switch the followed run explicitly
+            return [rx.redirect(f"/runs/{new_id}"), RunDetailState.open_path(f"/runs/{new_id}")]
         return None
 
     @rx.event

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from datetime import datetime
 from typing import Any
 
@@ -54,7 +55,7 @@ class RunsState(rx.State):
     message: str = ""
     confirm_delete: str = ""
     watching: bool = False
-    _task: bool = False
+    _task: str = ""
 
     @rx.event
     def start(self) -> Any:
@@ -85,17 +86,20 @@ class RunsState(rx.State):
         async with self:
             if self._task:
                 return
-            self._task = True
+            mine = self._task = uuid.uuid4().hex
         try:
             while True:
                 async with self:
                     if not self.watching:
+                        if self._task == mine:  # under the same lock, so a page opened now starts one
+                            self._task = ""
                         break
                     await self._refresh()
                 await asyncio.sleep(REFRESH_S)
         finally:
             async with self:
-                self._task = False
+                if self._task == mine:
+                    self._task = ""
 
     async def _act(self, action: str, run_id: str) -> Any:
         try:
