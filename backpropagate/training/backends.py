@@ -18,9 +18,9 @@ from typing import Any
 from backpropagate.config import RunConfig
 from backpropagate.errors import BackpropError, ErrorCode
 from backpropagate.events import EventBase, Warning_
-from backpropagate.logs import get_logger
+from backpropagate.logs import RunLogger, get_logger
 
-log = get_logger(__name__)
+_log = get_logger(__name__)
 
 # Unsloth wants explicit module names; these cover Llama, Qwen2/3, Mistral and Gemma.
 _ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -231,7 +231,9 @@ def _load_transformers(config: RunConfig, path: str, device: Any, precision: str
     return model
 
 
-def _apply_liger(config: RunConfig, model: Any, device: Any, emit: Callable[[EventBase], None]) -> bool:
+def _apply_liger(
+    config: RunConfig, model: Any, device: Any, emit: Callable[[EventBase], None], log: RunLogger
+) -> bool:
     if device.type != "cuda" or config.use_liger is False:
         return False
     try:
@@ -307,7 +309,7 @@ def _load_unsloth(config: RunConfig, path: str, dtype: Any, gradient_checkpointi
     return model, tokenizer
 
 
-def preload_unsloth(config: RunConfig, device: Any) -> None:
+def preload_unsloth(config: RunConfig, device: Any, log: RunLogger = _log) -> None:
     """Import Unsloth before anything imports transformers, so that its patches apply."""
     if device.type != "cuda" or config.backend == "transformers" or config.use_dora:
         return
@@ -323,6 +325,7 @@ def load_model(
     *,
     tokenizer: Any | None = None,
     gradient_checkpointing: bool | None = None,
+    log: RunLogger = _log,
 ) -> LoadedModel:
     """Load the base model for ``config`` on the best backend available and make it trainable.
 
@@ -366,7 +369,7 @@ def load_model(
     gc_flag = gradient_checkpointing
     if gc_flag is None:
         gc_flag = _want_gradient_checkpointing(config, device, n_params)
-    liger = _apply_liger(config, model, device, emit)
+    liger = _apply_liger(config, model, device, emit, log)
     model = _make_trainable(config, model, gc_flag)
     if config.method != "full" and precision != "fp32":
         # Trainable LoRA weights in fp32 keep AdamW's tiny updates from rounding away.

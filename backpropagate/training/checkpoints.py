@@ -20,9 +20,6 @@ from pathlib import Path
 from typing import Any
 
 from backpropagate.errors import BackpropError, ErrorCode
-from backpropagate.logs import get_logger
-
-log = get_logger(__name__)
 
 WEIGHTS = "trainable.safetensors"
 OPTIMIZER = "optimizer.pt"
@@ -260,7 +257,6 @@ def load_latest_checkpoint(ckpt_root: Path) -> tuple[LoadedCheckpoint | None, li
                 rng=torch.load(folder / RNG, weights_only=True),
             )
         except BackpropError as err:
-            log.warning("%s", err.message)
             skipped.append(err)
             continue
         except Exception as exc:  # hashes matched but the content does not load: still unusable

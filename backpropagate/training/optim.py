@@ -7,9 +7,9 @@ from typing import Any
 
 from backpropagate.config import RunConfig
 from backpropagate.errors import BackpropError, ErrorCode
-from backpropagate.logs import get_logger
+from backpropagate.logs import RunLogger, get_logger
 
-log = get_logger(__name__)
+_log = get_logger(__name__)
 
 
 def total_steps(config: RunConfig, n_train: int, effective_batch: int) -> int:
@@ -59,7 +59,9 @@ def build_scheduler(config: RunConfig, optimizer: Any, steps: int) -> Any:
     )
 
 
-def choose_micro_batch(config: RunConfig, model_path: str, device: Any) -> tuple[int, bool | None]:
+def choose_micro_batch(
+    config: RunConfig, model_path: str, device: Any, log: RunLogger = _log
+) -> tuple[int, bool | None]:
     """(micro-batch, gradient checkpointing or None for "decide later") for this run.
 
     ``batch_size="auto"`` asks the memory model for the fastest micro-batch that fits the GPU's free

@@ -163,7 +163,7 @@ def setup(config: RunConfig, run_dir: Path, emit: Emit, control: RunControl) -> 
     log = get_logger(__name__, run_id=run_id)
     device = pick_device(config)
     check_machine(config, device)  # fail before minutes of loading, not after
-    preload_unsloth(config, device)
+    preload_unsloth(config, device, log)
     import torch
     from transformers import set_seed
 
@@ -176,9 +176,9 @@ def setup(config: RunConfig, run_dir: Path, emit: Emit, control: RunControl) -> 
     data = prepare_datasets(config, tokenizer)
     log.info("data: %d train / %d eval examples", len(data.train), len(data.eval))
 
-    micro_batch, checkpointing = choose_micro_batch(config, model_path, device)
+    micro_batch, checkpointing = choose_micro_batch(config, model_path, device, log)
     set_seed(config.seed)
-    loaded = load_model(config, emit, tokenizer=tokenizer, gradient_checkpointing=checkpointing)
+    loaded = load_model(config, emit, tokenizer=tokenizer, gradient_checkpointing=checkpointing, log=log)
     trainable, total = count_parameters(loaded.model)
     log.info(
         "model %s on %s (%s, %s): %d of %d parameters trainable",
@@ -231,6 +231,7 @@ def _restore(run: Run, log: Any) -> None:
     """Continue from the newest checkpoint that verifies; report (and skip) broken newer ones."""
     loaded, skipped = ckpt.load_latest_checkpoint(run.ckpt_root)
     for err in skipped:
+        log.warning("%s", err.message)
         run.emit(Warning_(code=str(err.code), message=err.message, hint=err.hint))
     if loaded is None:
         return
