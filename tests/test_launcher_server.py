@@ -120,6 +120,21 @@ def test_launcher_serves_page_socket_and_api_on_one_port(local_ui: Ui) -> None:
     assert opening.startswith("0") and '"sid"' in opening
 
 
+def test_launcher_refuses_a_second_launch_on_the_same_home(local_ui: Ui, home: Path, tmp_path: Path) -> None:
+    env = {**os.environ, "BACKPROPAGATE_HOME": str(home)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "backpropagate", "ui", "--no-browser", "--port", str(free_port())],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 1
+    assert "[CONFIG_INVALID_SETTING]" in proc.stderr and f"pid {local_ui.proc.pid}" in proc.stderr
+    assert fetch(local_ui.url)[0] == 303, "the running one is untouched"
+
+
 def test_launcher_page_weight(local_ui: Ui) -> None:
     """Sum the bytes of the first page and the static assets it references (reported, bounded)."""
     base = f"http://127.0.0.1:{local_ui.port}"
@@ -136,9 +151,10 @@ def test_launcher_page_weight(local_ui: Ui) -> None:
     assert total < 5 * 1024 * 1024
 
 
-def test_launcher_warm_start_reuses_the_build_and_cleans_up(home: Path, tmp_path: Path) -> None:
+def test_launcher_warm_start_reuses_the_build_and_cleans_up(local_ui: Ui, home: Path, tmp_path: Path) -> None:
     from backpropagate.launcher.workdir import sources_hash
 
+    local_ui.stop()  # one launch per home
     assert start_ui(home, tmp_path).stop() == 0  # built (by the fixture or now)
     for _ in range(3):
         before = sources_hash()
@@ -161,7 +177,8 @@ def test_launcher_warm_start_reuses_the_build_and_cleans_up(home: Path, tmp_path
     assert written == [], "nothing is written into the working directory"
 
 
-def test_launcher_share_allows_the_tunnel_host(home: Path, tmp_path: Path) -> None:
+def test_launcher_share_allows_the_tunnel_host(local_ui: Ui, home: Path, tmp_path: Path) -> None:
+    local_ui.stop()  # one launch per home
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     pid_file = tmp_path / "cf.pid"

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -90,11 +92,29 @@ def _child_env(home: Path, launch_file: Path, opts: LaunchOptions) -> dict[str, 
     return env
 
 
+def _phases(text: str, seen: set[str]) -> list[str]:
+    """New phase names in Reflex's build output (its progress bars redraw with carriage returns)."""
+    found = []
+    for line in re.split(r"[\r\n]+", text):
+        line = line.strip(" ─")
+        if "━" in line:
+            line = line.split(":")[0]
+        elif not line.startswith(("Info:", "Warning:", "Compiling production")):
+            continue
+        line = line.strip()
+        if line and line not in seen:
+            seen.add(line)
+            found.append(line)
+    return found
+
+
 def _build(folder: Path, env: dict[str, str]) -> float:
     """Run `reflex export` for the front end in the build folder; returns seconds taken."""
     log_path = folder / "build.log"
-    _say(f"building the web front end in {folder} (first time about a minute; log: {log_path})")
+    _say(f"building the web front end in {folder} (the first time takes a minute or two)")
     start = time.monotonic()
+    seen: set[str] = set()
+    next_tick = 15.0
     with log_path.open("w") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "reflex", "export", "--frontend-only", "--no-zip", "--env", "prod"],
@@ -108,9 +128,11 @@ def _build(folder: Path, env: dict[str, str]) -> float:
         try:
             while proc.poll() is None:
                 time.sleep(0.5)
-                elapsed = time.monotonic() - start
-                if int(elapsed) % 10 == 0 and elapsed > 9.5 and elapsed % 10 < 0.5:
-                    _say(f"  still building... {elapsed:.0f} s")
+                for phase in _phases(log_path.read_text(errors="replace"), seen):
+                    _say(f"  {phase}")
+                if (elapsed := time.monotonic() - start) >= next_tick:
+                    _say(f"  ... {elapsed:.0f} s")
+                    next_tick += 15.0
         except BaseException:
             _stop_group(proc)
             raise
@@ -152,6 +174,27 @@ def _check_port_free(host: str, port: int) -> None:
                 f"port {port} on {host} is not available ({exc.strerror}); is another `backprop ui` running?",
                 hint="Stop the other server, or pass another --port.",
             ) from None
+
+
+def _check_single_launch() -> None:
+    """One `backprop ui` per BACKPROPAGATE_HOME: two would run two schedulers on one store."""
+    path = security.launch_file_path()
+    try:
+        pid = int(json.loads(path.read_text())["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # none, or unreadable: a crashed launch left it; ours replaces it
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return
+    except PermissionError:
+        pass  # alive, another user's
+    if pid != os.getpid():
+        raise BackpropError(
+            ErrorCode.CONFIG_INVALID_SETTING,
+            f"another `backprop ui` (pid {pid}) is already using {path.parent}",
+            hint="Open that one's URL, stop it, or set BACKPROPAGATE_HOME to another folder.",
+        )
 
 
 def _probe_host(host: str) -> str:
@@ -223,6 +266,7 @@ def launch(opts: LaunchOptions) -> int:
             hint="pip install 'backpropagate[ui]'",
         )
 
+    _check_single_launch()
     _check_port_free(opts.host, opts.port)
     settings = get_settings()
     home = settings.home
@@ -271,7 +315,9 @@ def launch(opts: LaunchOptions) -> int:
             import webbrowser
 
             threading.Thread(target=webbrowser.open, args=(url,), daemon=True).start()
-        return server.wait()
+        code = server.wait()
+        _say(f"the web server stopped unexpectedly (exit {code}); log: {log_path}")
+        return code or 1
     except KeyboardInterrupt:
         _say("stopping...")
         return 0
