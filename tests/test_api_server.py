@@ -142,8 +142,8 @@ def test_ws_streams_every_event_in_order_and_get_agrees_with_log(server):
     run = _create(server, steps=20, save_every=5, name="first")
     assert run["status"] in ("queued", "running") and run["name"] == "first"
     with server.ws(run["id"]) as ws:
-        events = _collect(ws)
-        assert ws.close_code is None or ws.close_code == 1000
+        events = _collect(ws)  # iteration ends when the server closes the socket
+        assert ws.close_code == 1000
     seqs = [e["seq"] for e in events]
     assert seqs == list(range(1, len(seqs) + 1))
     assert [e["step"] for e in events if e["type"] == "step"] == list(range(1, 21))

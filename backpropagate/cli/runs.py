@@ -273,7 +273,7 @@ def serve_api(
 
     from backpropagate.server.app import create_app
 
-    uvicorn.run(create_app(), host=host, port=port, log_level=log_level, ws="websockets")
+    uvicorn.run(create_app(), host=host, port=port, log_level=log_level, ws="websockets-sansio")
 
 
 def register(app: typer.Typer) -> None:

@@ -23,7 +23,7 @@ from backpropagate.runs.store import Run, Store
 
 log = get_logger(__name__)
 
-POLL_S = 0.02  # how often an idle tail looks at the log's size
+POLL_S = 0.01  # how often an idle tail looks at the log's size (a stat call)
 READ_CHUNK = 1 << 20  # at most this much is read per poll, so one burst cannot hog a thread
 QUEUE_SIZE = 2048  # per-subscriber backlog before it is dropped to catch up from the file
 HEARTBEAT_S = 15.0

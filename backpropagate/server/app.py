@@ -18,6 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from backpropagate import __version__
 from backpropagate.errors import BackpropError, ErrorCode
 from backpropagate.logs import get_logger
+from backpropagate.runs.hub import HEARTBEAT_S
 from backpropagate.runs.service import RunService
 from backpropagate.settings import Settings, get_settings
 
@@ -70,7 +71,11 @@ async def _on_unexpected(_request: Request, exc: Exception) -> JSONResponse:
 
 
 def create_app(
-    settings: Settings | None = None, service: RunService | None = None, **service_args: Any
+    settings: Settings | None = None,
+    service: RunService | None = None,
+    *,
+    heartbeat_s: float = HEARTBEAT_S,
+    **service_args: Any,
 ) -> FastAPI:
     """The API app. ``service_args`` go to :class:`RunService` (e.g. ``gpu_indices``)."""
     from backpropagate.server import ws
@@ -97,6 +102,7 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.state.heartbeat_s = heartbeat_s  # idle WebSockets get {"type": "heartbeat"} this often
     app.add_exception_handler(BackpropError, _on_backprop_error)  # type: ignore[arg-type]
     app.add_exception_handler(RequestValidationError, _on_validation_error)  # type: ignore[arg-type]
     app.add_exception_handler(StarletteHTTPException, _on_http_error)  # type: ignore[arg-type]
