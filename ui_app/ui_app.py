@@ -6,6 +6,9 @@ auth policy, and the app must never serve without one.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
+
 import reflex as rx
 
 from backpropagate.server.security import build_guard, load_launch_policy
@@ -36,7 +39,18 @@ def _pages() -> list:
 # api_transformer runs in order: the FastAPI instance gets the Reflex app mounted under it (its
 # own /api routes win), then the guard wraps that whole stack, so static files, /_event and /api
 # all pass through it.
-app = rx.App(api_transformer=[_api(), lambda asgi: build_guard(asgi, policy)])
+api = _api()
+app = rx.App(api_transformer=[api, lambda asgi: build_guard(asgi, policy)])
+
+
+@contextlib.asynccontextmanager
+async def _api_lifespan() -> AsyncIterator[None]:
+    # Starlette does not run a mounted app's lifespan: run the API's (its RunService) with Reflex's.
+    async with api.router.lifespan_context(api):
+        yield
+
+
+app.register_lifespan_task(_api_lifespan)
 
 for route, component, title in _pages():
     app.add_page(component, route=route, title=title)
