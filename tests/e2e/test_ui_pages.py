@@ -21,7 +21,7 @@ pytestmark = [pytest.mark.browser, pytest.mark.slow]
 DOCS_IMAGES = REPO / "docs" / "images"
 EXAMPLES = REPO / "examples"
 # Small enough to finish in a minute or two on a CPU, long enough to stop and resume mid-run.
-RUN_STEPS = 40
+RUN_STEPS = 30
 STATE: dict[str, str] = {}
 
 
@@ -149,11 +149,13 @@ def test_runs_table_and_compare_two_runs(ui: Page, ui_server) -> None:  # noqa: 
     ui.wait_for_url(re.compile(r".*/runs/[\w-]+$"), timeout=30000)
     clone = ui.url.rsplit("/", 1)[1]
     assert clone != STATE["run"]
-    wait_status(ui, {"completed"}, timeout_s=300)
+    expect(ui.locator("#run-name")).to_have_text("e2e first (copy)", timeout=20000)
+    wait_points(ui, 3, timeout_s=240)
     ui.goto(ui_server.base + "/")
     rows = ui.locator("#runs-table .run-row")
     expect(rows).to_have_count(2, timeout=20000)
-    expect(ui.locator("#runs-table")).to_contain_text("completed")
+    expect(ui.locator(f"[data-run-id='{STATE['run']}']")).to_contain_text("completed")
+    expect(ui.locator(f"[data-run-id='{clone}']")).to_contain_text("running")
     shot(ui, "runs", docs=True)
     ui.goto(f"{ui_server.base}/compare?runs={STATE['run']},{clone}")
     expect(ui.locator("#compare-chart .recharts-line-curve")).to_have_count(2, timeout=30000)
@@ -161,6 +163,14 @@ def test_runs_table_and_compare_two_runs(ui: Page, ui_server) -> None:  # noqa: 
     expect(ui.locator("#config-diff")).to_contain_text("name")
     expect(ui.locator("#config-diff")).to_contain_text("(copy)")
     shot(ui, "compare", docs=True)
+    # stop the clone from the runs table
+    ui.goto(ui_server.base + "/")
+    ui.locator(f"[data-run-id='{clone}']").get_by_role("button", name="Stop").click()
+    expect(ui.locator(f"[data-run-id='{clone}']")).to_contain_text("cancelled", timeout=60000)
+    # deleting asks first; the stopped clone goes away
+    ui.locator(f"[data-run-id='{clone}']").get_by_role("button", name=re.compile("^Delete")).click()
+    ui.click("#confirm-delete")
+    expect(rows).to_have_count(1, timeout=20000)
 
 
 def test_phone_width_layout(ui: Page, ui_server) -> None:  # noqa: ANN001

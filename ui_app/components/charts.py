@@ -56,7 +56,7 @@ def overlay_chart(data: rx.Var, series: rx.Var, height: int = 360) -> rx.Compone
             rx.foreach(
                 series,
                 lambda s: rx.recharts.line(
-                    data_key=s["key"], name=s["key"], stroke=s["color"], dot=False,
+                    data_key=s["key"], name=s["name"], stroke=s["color"], dot=False,
                     connect_nulls=True, is_animation_active=False,
                 ),
             ),

@@ -71,7 +71,11 @@ class CompareState(rx.State):
             except BackpropError:
                 configs[run_id] = view.config
         self.data = overlay(curves)
-        self.series = [{"key": r, "color": COLORS[i % len(COLORS)]} for i, r in enumerate(self.selected)]
+        labels = {c["id"]: c["label"] for c in self.choices}
+        self.series = [
+            {"key": r, "color": COLORS[i % len(COLORS)], "name": labels.get(r, r)}
+            for i, r in enumerate(self.selected)
+        ]
         self.diff = config_diff(configs)
 
 

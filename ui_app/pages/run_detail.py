@@ -135,7 +135,7 @@ class RunDetailState(rx.State):
         self.points = len(view.steps)
         self.timeline = list(reversed(view.timeline))
         self.gpus = view.gpus
-        self.final = {k: "" if v is None else str(v) for k, v in view.final.items()}
+        self.final = {k: _fmt(v) for k, v in view.final.items() if v is not None}
         self.checkpoints = [{k: str(v) for k, v in c.items()} for c in view.checkpoints[-5:]]
         self.last_seq = view.last_seq
         if log_text is not None:
@@ -164,6 +164,13 @@ class RunDetailState(rx.State):
     @rx.event
     async def clone(self) -> Any:
         return await self._action("clone")
+
+
+def _fmt(value: Any) -> str:
+    """Metrics for people: 4 significant digits, whole numbers without a decimal point."""
+    if isinstance(value, float):
+        return str(int(value)) if value.is_integer() and abs(value) < 1e15 else f"{value:.4g}"
+    return str(value)
 
 
 def _controls() -> rx.Component:

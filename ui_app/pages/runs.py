@@ -182,7 +182,7 @@ def _row(run: rx.Var) -> rx.Component:
         rx.table.cell(run["started"]),
         rx.table.cell(_actions(run)),
         class_name="run-row",
-        data_run_id=run["id"],
+        custom_attrs={"data-run-id": run["id"]},
     )
 
 
