@@ -89,6 +89,8 @@ def _child_env(home: Path, launch_file: Path, opts: LaunchOptions) -> dict[str, 
             "PYTHONUNBUFFERED": "1",
         }
     )
+    # Otherwise Reflex times requests to a second, mirror registry to pick the faster one.
+    env.setdefault("NPM_CONFIG_REGISTRY", "https://registry.npmjs.org")
     return env
 
 
@@ -228,17 +230,24 @@ def _wait_ready(proc: subprocess.Popen, host: str, port: int, timeout: float, lo
 
 
 def _print_ready(opts: LaunchOptions, token: str | None, share_url: str | None) -> str:
-    shown_host = "127.0.0.1" if opts.host in ("127.0.0.1", "localhost", "::1") else opts.host
+    loopback = opts.host in ("127.0.0.1", "localhost", "::1")
+    if loopback:
+        shown_host = "127.0.0.1"
+    elif opts.host in ("0.0.0.0", "::", ""):
+        shown_host = socket.gethostname()  # a wildcard bind is not an address to open
+    else:
+        shown_host = f"[{opts.host}]" if ":" in opts.host else opts.host
     url = f"http://{shown_host}:{opts.port}/"
     if token:
         url += f"?token={token}"
     print(f"Backpropagate is running: {url}", flush=True)
     if share_url:
         print(f"Shared at: {share_url}/  (log in with the --auth credentials)", flush=True)
-    _say(
-        f"from another machine: ssh -L {opts.port}:localhost:{opts.port} THIS_HOST, "
-        f"then open the URL above (any local port works: ssh -L 9000:localhost:{opts.port} ...)"
-    )
+    if loopback:
+        _say(
+            f"from another machine: ssh -L {opts.port}:localhost:{opts.port} THIS_HOST, then open the "
+            f"URL above (another local port works too: ssh -L 9000:localhost:{opts.port} ...)"
+        )
     _say("press Ctrl-C to stop")
     return url
 
