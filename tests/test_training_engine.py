@@ -230,3 +230,17 @@ def test_full_fine_tuning_and_epochs(facts_file, tmp_path):
     result = run_training(config, tmp_path / "run", Recorder())
     assert result.step == 3 and result.history[-1]["epoch"] == 1.0
     assert (result.adapter_path / "model.safetensors").is_file()
+
+
+def test_lora_options_reach_the_adapter(facts_file, tmp_path):
+    config = small(
+        facts_file, steps=2, use_dora=True, use_rslora=True, target_modules=["q_proj", "v_proj"],
+        lora_r=4, lora_alpha=8, gradient_checkpointing=True,
+    )  # fmt: skip
+    result = run_training(config, tmp_path / "run", Recorder())
+    saved = json.loads((result.adapter_path / "adapter_config.json").read_text())
+    assert saved["use_dora"] and saved["use_rslora"] and saved["r"] == 4 and saved["lora_alpha"] == 8
+    assert set(saved["target_modules"]) == {"q_proj", "v_proj"}
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["gradient_checkpointing"] is True and metrics["liger"] is False
+    assert all(h["grad_norm"] > 0 for h in result.history)

@@ -99,3 +99,23 @@ def test_auto_batch_and_resume(data, tmp_path):
     result, _, metrics = run(data, tmp_path / "run", backend="transformers", batch_size="auto", save_every=5)
     assert metrics["micro_batch"] >= 1 and result.status == "completed"
     assert (tmp_path / "run" / "checkpoints" / "step-000010").is_dir()
+
+
+def test_unsloth_failure_falls_back_once_or_refuses(data, tmp_path, monkeypatch):
+    from backpropagate.errors import BackpropError, ErrorCode
+    from backpropagate.training import backends
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated Unsloth failure")
+
+    monkeypatch.setattr(backends, "_load_unsloth", broken)
+    result, events, _ = run(data, tmp_path / "fallback", backend="unsloth", steps=2)
+    warnings = [e for e in events if e.type == "warning" and "Unsloth" in e.message]
+    assert len(warnings) == 1
+    assert warnings[0].message == (
+        "Unsloth load failed (RuntimeError: simulated Unsloth failure); falling back to transformers + PEFT"
+    )
+    assert started(events).backend == "transformers" and result.status == "completed"
+    with pytest.raises(BackpropError) as info:
+        run(data, tmp_path / "strict", backend="unsloth", unsloth_fallback=False, steps=2)
+    assert info.value.code == ErrorCode.DEP_UNSLOTH_UNAVAILABLE
