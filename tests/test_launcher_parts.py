@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import shutil
 import stat
+import subprocess
+import sys
 import textwrap
 import time
 from pathlib import Path
@@ -119,3 +121,19 @@ def test_launcher_tunnel_without_url_fails_with_code(tmp_path: Path, monkeypatch
     assert time.monotonic() - start < 15
     with pytest.raises(ProcessLookupError):
         os.kill(int((tmp_path / "cf.pid").read_text()), 0)
+
+
+def test_launcher_help_lists_flags_without_heavy_imports() -> None:
+    code = (
+        "import sys\n"
+        "from typer.testing import CliRunner\n"
+        "from backpropagate.cli import app\n"
+        "r = CliRunner().invoke(app, ['ui', '--help'], terminal_width=200)\n"
+        "print(r.exit_code, r.output)\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'reflex', 'torch', 'ui_app', 'transformers'}))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stdout
+    assert out.startswith("0 ")
+    for flag in ("--host", "--port", "--auth", "--auth-file", "--users", "--share", "--no-browser"):
+        assert flag in out
+    assert out.strip().endswith("[]"), "`backprop ui --help` imported reflex, torch or the app"
