@@ -212,3 +212,41 @@ def test_launcher_share_allows_the_tunnel_host(local_ui: Ui, home: Path, tmp_pat
         assert ui.stop() == 0
     with pytest.raises(ProcessLookupError):
         os.kill(cf_pid, 0)
+
+
+def processes_under(folder: Path) -> list[int]:
+    """Pids whose working directory lies inside ``folder``."""
+    found = []
+    for proc_dir in Path("/proc").glob("[0-9]*"):
+        try:
+            if Path(os.readlink(proc_dir / "cwd")).is_relative_to(folder):
+                found.append(int(proc_dir.name))
+        except OSError:
+            continue
+    return found
+
+
+def test_launcher_sigterm_during_the_build_stops_everything(tmp_path: Path) -> None:
+    home = tmp_path / "home"  # empty: this launch must build
+    out = tmp_path / "ui.log"
+    env = {**os.environ, "BACKPROPAGATE_HOME": str(home)}
+    env.pop("BACKPROPAGATE_UI_LAUNCH", None)
+    with out.open("w") as fh:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "backpropagate", "ui", "--no-browser", "--port", str(free_port())],
+            env=env,
+            cwd=tmp_path,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+        )
+    deadline = time.monotonic() + 60
+    while not processes_under(home / "ui") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert processes_under(home / "ui"), f"no build started:\n{out.read_text()}"
+    assert (home / "ui.lock").exists()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0
+    assert "stopping" in out.read_text()
+    time.sleep(0.5)
+    assert processes_under(home / "ui") == [], "the build's process group was stopped"
+    assert not (home / "ui.lock").exists()
