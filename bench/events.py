@@ -5,7 +5,7 @@ to the run's log, as fast as it can or at a fixed rate. Clients follow the run's
 time each event from its ``ts`` (stamped when written) to its arrival. Also measured: the cost of
 appending one event against one CPU training step of a tiny model (telemetry must stay < 1%).
 
-    python bench/events.py [--fast-events 20000] [--rate 200] [--seconds 5] [--clients 1,50]
+    python bench/events.py [--fast-events 20000] [--rates 20,200] [--seconds 10] [--clients 1,50]
 Prints a table and writes bench/results/events.md.
 """
 
@@ -181,9 +181,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fast-events", type=int, default=20000)
     parser.add_argument(
-        "--rate", type=float, default=200.0, help="Events per second of the realistic writer."
+        "--rates",
+        default="20,200",
+        help="Fixed writer rates (events/s): a training run's pace, and a stress.",
     )
-    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--clients", default="1,50")
     parser.add_argument("--out", type=Path, default=BENCH_DIR / "results" / "events.md")
     args = parser.parse_args()
@@ -194,10 +196,10 @@ def main() -> None:
         data = Path(tmp) / "home" / "datasets" / "d.jsonl"
         data.parent.mkdir(parents=True)
         data.write_text('{"text": "x"}\n')
-        for label, rate, events in (
-            ("as fast as possible", 0.0, args.fast_events),
-            (f"{args.rate:g} events/s", args.rate, int(args.rate * args.seconds)),
-        ):
+        rates = [float(r) for r in args.rates.split(",")]
+        writers = [("as fast as possible", 0.0, args.fast_events)]
+        writers += [(f"{r:g} events/s", r, int(r * args.seconds)) for r in rates]
+        for label, rate, events in writers:
             proc, url = start_server(Path(tmp) / "home", rate)
             try:
                 for clients in client_counts:

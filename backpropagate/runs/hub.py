@@ -252,10 +252,13 @@ class EventHub:
                 resync = False
                 while not resync:
                     try:
-                        item = await asyncio.wait_for(sub.queue.get(), heartbeat_s)
-                    except TimeoutError:
-                        yield None
-                        continue
+                        item = sub.queue.get_nowait()  # the common case under load: no timer needed
+                    except asyncio.QueueEmpty:
+                        try:
+                            item = await asyncio.wait_for(sub.queue.get(), heartbeat_s)
+                        except TimeoutError:
+                            yield None
+                            continue
                     if isinstance(item, str) and item == DROPPED:
                         resync = True
                     elif isinstance(item, str):  # ENDED
@@ -292,8 +295,13 @@ def _read_after(path: Path, after: int) -> list[Line]:
             raw = fh.read()
     except FileNotFoundError:
         return []
-    complete = raw[: raw.rfind(b"\n") + 1]
-    return [line for line in parse_lines(complete.split(b"\n")) if line.seq > after]
+    lines = raw[: raw.rfind(b"\n") + 1].split(b"\n")[:-1]
+    start = 0
+    # seq n sits on line n of a gapless log: skip the lines before it without parsing them all
+    # (a subscriber catching up must not cost a parse of the whole history each time).
+    if 0 < after <= len(lines) and parse_event(lines[after - 1]).seq == after:
+        start = after
+    return [line for line in parse_lines(lines[start:]) if line.seq > after]
 
 
 def run_status_message(run: Run) -> dict[str, Any]:
