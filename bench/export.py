@@ -127,6 +127,7 @@ def main() -> None:
         print(json.dumps(step(args.step, model_dir, work)))
         return
 
+    load = os.getloadavg()[0]
     rows = []
     for name in ("build", "f16", "q8_0", "q4_k_m"):
         if name == "build" and (model_dir / "model.safetensors").is_file():
@@ -149,7 +150,8 @@ def main() -> None:
             "# GGUF export benchmark",
             "",
             f"- date: {dt.datetime.now(dt.UTC).strftime('%Y-%m-%d %H:%M UTC')}",
-            f"- machine: {machine()}",
+            f"- machine: {machine()}; load average at start {load:.1f} (a shared machine: timings are",
+            "  upper bounds)",
             f"- versions: python {platform.python_version()}, torch {_version('torch')}, "
             f"transformers {_version('transformers')}, gguf {_version('gguf')}, "
             f"llama-cpp-python {_version('llama_cpp_python')}",
@@ -157,8 +159,9 @@ def main() -> None:
             f"{(model_dir / 'model.safetensors').stat().st_size / 2**20:.0f} MB, tied embeddings)",
             "- steps: `build` makes the model (once); `f16` and `q8_0` are this project's converter "
             "(one tensor in memory at a time); `q4_k_m` is llama.cpp's quantizer reading the f16 GGUF.",
-            "  Each step runs in its own process; peak RSS is that process's VmHWM (includes the Python",
-            "  interpreter and torch, ~350 MB).",
+            "  Each step runs in its own process; peak RSS is that process's VmHWM: the Python",
+            "  interpreter and torch (~350 MB), the safetensors pages read through mmap, and the one",
+            "  tensor being converted (the largest, the 151936 x 896 embedding, is 520 MB in f32).",
             "",
             *table,
             "",

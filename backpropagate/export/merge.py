@@ -115,17 +115,17 @@ def load_merged_model(src: ExportSource, dtype: Dtype = "f32") -> Any:
     """The base model with the adapter folded in (or the full model), on CPU, in ``dtype``."""
     from transformers import AutoModelForCausalLM
 
+    # Load straight in the target dtype: one copy of the model, never an f32 copy of a bf16 7B.
+    # PEFT keeps the adapter in f32 and adds its delta in that precision before casting.
     try:
-        model = AutoModelForCausalLM.from_pretrained(src.base_model, dtype=_torch_dtype("f32"))
+        model = AutoModelForCausalLM.from_pretrained(src.base_model, dtype=_torch_dtype(dtype))
     except Exception as exc:  # noqa: BLE001
         raise BackpropError(ErrorCode.DEP_MODEL_LOAD_FAILED, f"cannot load {src.base_model}: {exc}") from exc
     if src.adapter_dir is not None:
         from peft import PeftModel
 
-        # Merge in float32 so the folded weights carry no extra rounding; cast once at the end.
         model = PeftModel.from_pretrained(model, str(src.adapter_dir)).merge_and_unload()
-    model.eval()
-    return model.to(_torch_dtype(dtype))
+    return model.eval()
 
 
 def export_merged(

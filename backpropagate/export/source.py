@@ -102,11 +102,8 @@ def _from_run_dir(run_dir: Path) -> ExportSource:
 
 def _resolve_base(model: str) -> str:
     """Turn the run's `model` (demo names, folders, hub ids) into something from_pretrained takes."""
-    if model.startswith("demo"):
-        try:
-            from backpropagate.models.demo import resolve_model
-
-            return str(resolve_model(model))
-        except ImportError:
-            pass
-    return model
+    try:
+        from backpropagate.models.demo import resolve_model
+    except ImportError:
+        return model
+    return str(resolve_model(model))
