@@ -28,7 +28,7 @@ DEMO_ALIASES = {"demo": "demo-qwen2"}
 BUILT_NAMES = ("demo-llama", "demo-qwen2")
 
 # Bumped whenever the recipe below changes what gets built; older folders are rebuilt.
-RECIPE_VERSION = 2
+RECIPE_VERSION = 3
 CORPUS_DIR = Path(__file__).parent / "corpus"
 MARKER = "demo.json"
 
