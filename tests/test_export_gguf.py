@@ -132,8 +132,17 @@ def test_without_llama_cpp_k_quants_fail_and_f16_skips_verification(
         export_run(str(qwen2_run), "gguf", "q4_k_m", output=tmp_path / "q4")
     assert err.value.code == ErrorCode.DEP_LLAMA_CPP_MISSING
     assert not list((tmp_path / "q4").glob("*.gguf"))  # refused before converting anything
-    result = export_run(str(qwen2_run), "gguf", "q8_0", output=tmp_path / "q8")
+    stages: dict[str, tuple[int, int]] = {}
+    result = export_run(
+        str(qwen2_run),
+        "gguf",
+        "q8_0",
+        output=tmp_path / "q8",
+        progress=lambda s, d, t: stages.update({s: (d, t)}),
+    )
     assert Path(result.path).is_file() and result.verification is None
+    assert stages["merge"] == (1, 1) and stages["convert"][0] == stages["convert"][1] > 10
+    assert "verify" not in stages
     assert any("verification skipped" in w for w in result.warnings)
 
 
