@@ -25,6 +25,12 @@ def _batch_size(text: str | None) -> int | str | None:
         return text  # RunConfig reports it with the other problems
 
 
+def _modules(text: str | None) -> str | list[str] | None:
+    if text is None or text == "all-linear":
+        return text
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
 def build_config(options: dict[str, Any]) -> Any:
     """A RunConfig from the options the user gave (None = not given, so presets and defaults apply)."""
     from backpropagate.config import RunConfig
@@ -68,12 +74,26 @@ def register(app: typer.Typer) -> None:
         device: str = typer.Option(None, help="auto, cpu or cuda."),
         backend: str = typer.Option(None, help="auto, unsloth or transformers."),
         name: str = typer.Option(None, help="A label for the run."),
+        eval_data: str = typer.Option(None, "--eval-data", help="Separate evaluation data."),
+        data_format: str = typer.Option(None, "--data-format", help="auto, sharegpt, openai, alpaca, text."),
+        skip_bad_rows: bool = typer.Option(None, "--skip-bad-rows", help="Skip and count malformed rows."),
+        train_on: str = typer.Option(None, "--train-on", help="responses (default) or all tokens."),
+        lora_dropout: float = typer.Option(None, "--lora-dropout", help="Dropout on the LoRA path."),
+        target_modules: str = typer.Option(
+            None, "--target-modules", help="`all-linear` or comma-separated module names."
+        ),
+        lr_scheduler: str = typer.Option(None, "--lr-scheduler", help="cosine, linear or constant."),
+        warmup_ratio: float = typer.Option(None, "--warmup-ratio", help="Share of steps warming up."),
+        precision: str = typer.Option(None, help="auto, bf16, fp16 or fp32."),
+        keep_checkpoints: int = typer.Option(None, "--keep-checkpoints", help="Checkpoints kept (+ best)."),
+        config_file: Path = typer.Option(None, "--config", help="A run configuration (JSON) to start from."),
         as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
     ) -> None:
         """Fine-tune a model on your data; the adapter lands in the run folder (or --output).
 
-        With a demo model and neither --steps nor --epochs, the run is 30 short steps (micro-batch 1,
-        lr 1e-3) so that a first try finishes in seconds on a CPU.
+        With a demo model and neither --steps nor --epochs, the run is 30 short steps
+        (micro-batch 1, lr 1e-3) so that a first try finishes in seconds on a CPU.
+        --config FILE reads a saved run configuration (JSON); flags given override it.
         """
         options = {
             "model": model, "data": data, "steps": steps, "epochs": epochs,
@@ -81,8 +101,19 @@ def register(app: typer.Typer) -> None:
             "max_seq_len": max_seq_len, "lora_r": lora_r, "lora_alpha": lora_alpha, "method": method,
             "preset": preset, "output_dir": output, "seed": seed, "eval_fraction": eval_fraction,
             "eval_every": eval_every, "save_every": save_every, "packing": packing, "device": device,
-            "backend": backend, "name": name,
+            "backend": backend, "name": name, "eval_data": eval_data, "data_format": data_format,
+            "skip_bad_rows": skip_bad_rows, "train_on": train_on, "lora_dropout": lora_dropout,
+            "target_modules": _modules(target_modules), "lr_scheduler": lr_scheduler,
+            "warmup_ratio": warmup_ratio, "precision": precision, "keep_checkpoints": keep_checkpoints,
         }  # fmt: skip
+        if config_file is not None:
+            try:
+                base = json.loads(config_file.read_text())
+            except (OSError, ValueError) as exc:
+                raise BackpropError(
+                    ErrorCode.CONFIG_INVALID, f"Cannot read --config {config_file}: {exc}"
+                ) from None
+            options = {**base, **{k: v for k, v in options.items() if v is not None}}
         config, run_dir = _config_and_run_dir(options, resume)
         result = _run(config, run_dir)
         if as_json:
