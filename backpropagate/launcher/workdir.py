@@ -35,14 +35,13 @@ def sources_hash() -> str:
             version = "-"
         digest.update(f"{dist}={version}\n".encode())
     digest.update(f"backpropagate={__version__}\n".encode())
-    # same_origin.py patches the built JavaScript, so it is part of the front end's sources.
-    roots = [app_package_dir(), Path(__file__).with_name("same_origin.py")]
-    for root in roots:
-        files = [root] if root.is_file() else sorted(root.rglob("*"))
-        for path in files:
+    # Pages render from this package's models (RunConfig fields, error codes, ...), so its code
+    # shapes the compiled front end too; of ui_app every file counts (assets included).
+    for root, pattern in ((app_package_dir(), "*"), (Path(__file__).resolve().parents[1], "*.py")):
+        for path in sorted(root.rglob(pattern)):
             if not path.is_file() or _SKIP_DIRS & set(path.parts) or path.suffix == ".pyc":
                 continue
-            rel = path.name if root.is_file() else path.relative_to(root).as_posix()
+            rel = f"{root.name}/{path.relative_to(root).as_posix()}"
             digest.update(rel.encode() + b"\0" + path.read_bytes() + b"\0")
     return digest.hexdigest()[:16]
 
