@@ -402,7 +402,7 @@ def train_on_stream(
 
     # One thread: these matrices are too small to gain from more, a busy machine makes extra
     # threads spin against each other (measured 7x slower wall time under load), and the
-    # result is bit-identical on any machine regardless of its core count.
+    # result does not depend on the core count (the order of float sums would).
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     model.train()
