@@ -234,3 +234,40 @@ def test_stop_checkpoints_cancels_and_resume_completes(server):
     clone = server.post(f"/api/runs/{run['id']}/clone", json={"steps": 3})
     assert clone.status_code == 201 and clone.json()["config"]["steps"] == 3
     assert server.wait_status(clone.json()["id"], {"completed"})["step"] == 3
+
+
+def test_restart_settles_runs_that_ended_while_the_server_was_down(server):
+    quick = _create(server, steps=3)
+    slow = _create(server, steps=400)  # waits behind `quick` in the single CPU slot, then runs
+    server.wait_status(quick["id"], {"completed"})
+    server.wait_status(slow["id"], {"running"})
+    slow_dir = server.home / "runs" / slow["id"]
+    deadline = time.time() + 30
+    while time.time() < deadline and not any(
+        e.type == "step" for e in read_events(slow_dir / "events.jsonl")
+    ):
+        time.sleep(0.05)
+    pid = server.get(f"/api/runs/{slow['id']}").json()["pid"]
+    server.kill()
+    os.killpg(pid, signal.SIGKILL)  # the worker dies while no server watches it
+    time.sleep(0.5)
+    server.start()
+    settled = server.wait_status(slow["id"], {"interrupted"}, timeout=20)
+    assert settled["error_code"] == "RUNTIME_WORKER_CRASHED" and settled["exit_code"] is None
+    assert settled["last_seq"] == list(read_events(slow_dir / "events.jsonl"))[-1].seq
+    assert server.get(f"/api/runs/{quick['id']}").json()["status"] == "completed"
+    assert server.get("/api/runs", params={"status": "running"}).json() == []
+
+
+def test_restart_catches_up_a_run_that_finished_while_the_server_was_down(server):
+    run = _create(server, steps=30)
+    with server.ws(run["id"]) as ws:
+        _collect(ws, limit=3)
+    server.kill()
+    run_dir = server.home / "runs" / run["id"]
+    deadline = time.time() + 30
+    while time.time() < deadline and list(read_events(run_dir / "events.jsonl"))[-1].type != "completed":
+        time.sleep(0.1)
+    server.start()
+    final = server.wait_status(run["id"], {"completed"}, timeout=20)
+    assert final["step"] == 30 and final["last_seq"] == list(read_events(run_dir / "events.jsonl"))[-1].seq
