@@ -60,3 +60,50 @@ def test_generation_markers_are_removed_and_nothing_else() -> None:
     assert "{% generation %}" not in stripped and "{% endgeneration %}" not in stripped
     assert stripped == CHATML.replace("{% generation %}", "").replace("{% endgeneration %}", "")
     assert strip_generation_markers("{%- generation -%}x{%- endgeneration -%}") == "x"
+
+
+def test_llama3_rope_scaling_is_exported_as_rope_freqs(tmp_path: Path, monkeypatch) -> None:
+    import pytest
+
+    pytest.importorskip("llama_cpp")
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from backpropagate.errors import BackpropError
+    from backpropagate.export import gguf_convert
+    from backpropagate.export.verify import verify_gguf
+
+    out = tmp_path / "llama31"
+    build_tokenizer(out, with_bos=True)
+    tok = PreTrainedTokenizerFast.from_pretrained(str(out))
+    rope = {
+        "rope_type": "llama3",
+        "rope_theta": 10000.0,
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        # A short original context puts the scaled band inside the test prompts' positions.
+        "original_max_position_embeddings": 64,
+    }
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=256,
+        intermediate_size=256,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        rope_parameters=rope,
+        initializer_range=0.1,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    model.save_pretrained(str(out))
+    convert_to_gguf(out, tmp_path / "ok.gguf", "f32")
+    assert verify_gguf(tmp_path / "ok.gguf", model, tok, "f32").mean_kl < 1e-3
+
+    # Without the factors the same weights disagree: the check above is sensitive to them.
+    monkeypatch.setattr(gguf_convert, "_llama3_rope_factors", lambda *a: np.ones(32, dtype=np.float32))
+    convert_to_gguf(out, tmp_path / "bad.gguf", "f32")
+    with pytest.raises(BackpropError):
+        verify_gguf(tmp_path / "bad.gguf", model, tok, "f32")

@@ -81,6 +81,25 @@ def _rope_theta(config: dict[str, Any]) -> tuple[float, dict[str, Any]]:
     return float(theta), params
 
 
+def _llama3_rope_factors(rope: dict[str, Any], theta: float, head_dim: int) -> np.ndarray:
+    """Per-frequency divisors for Llama 3.1-style rope scaling (llama.cpp's ``rope_freqs``).
+
+    High frequencies (short wavelengths) stay, low ones are divided by ``factor``, and the band
+    between is interpolated smoothly; transformers applies the same rule to ``inv_freq``.
+    """
+    factor = float(rope["factor"])
+    low = float(rope.get("low_freq_factor", 1.0))
+    high = float(rope.get("high_freq_factor", 4.0))
+    old_ctx = float(rope.get("original_max_position_embeddings", 8192))
+    inv_freq = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    wavelen = 2 * np.pi / inv_freq
+    smooth = (old_ctx / wavelen - low) / (high - low)
+    divisor = 1.0 / ((1 - smooth) / factor + smooth)
+    divisor = np.where(wavelen < old_ctx / high, 1.0, divisor)
+    divisor = np.where(wavelen > old_ctx / low, factor, divisor)
+    return divisor.astype(np.float32)
+
+
 # ---------------------------------------------------------------- tokenizer
 
 
@@ -275,11 +294,13 @@ def convert_to_gguf(
     tied = bool(config.get("tie_word_embeddings", False))
     theta, rope = _rope_theta(config)
     rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type not in ("default", "linear", None):
+    if rope_type == "llama3" and arch != "llama":
+        rope_type = "unsupported-" + rope_type
+    if rope_type not in ("default", "linear", "llama3", None):
         raise BackpropError(
             ErrorCode.RUNTIME_EXPORT_ARCH_UNSUPPORTED,
             f"rope scaling {rope_type!r} in {model_dir / 'config.json'} is not supported by this converter "
-            "(supported: default, linear)",
+            "(supported: default, linear, llama3)",
         )
 
     report = ConvertReport(path=out_path, arch=arch, tensor_count=0, bytes_written=0)
@@ -299,6 +320,8 @@ def convert_to_gguf(
         plans.append(
             _Plan(hf_name, gname, file, shape, _choose_type(gname, shape, out_type, report.fallbacks))
         )
+
+    rope_factors = _llama3_rope_factors(rope, theta, head_dim) if rope_type == "llama3" else None
 
     out_path.parent.mkdir(parents=True, exist_ok=True)
     writer = gguf.GGUFWriter(str(out_path), arch)
@@ -326,6 +349,9 @@ def convert_to_gguf(
     if rope_type == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(float(rope["factor"]))
+    if rope_factors is not None:
+        name = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"
+        writer.add_tensor_info(name, list(rope_factors.shape), np.dtype(np.float32), rope_factors.nbytes)
     writer.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-6)))
     n_vocab = int(config["vocab_size"])
     writer.add_vocab_size(n_vocab)
@@ -348,6 +374,9 @@ def convert_to_gguf(
     # Second pass: one tensor in memory at a time, in the order the infos were written.
     open_files: dict[Path, Any] = {}
     try:
+        if rope_factors is not None:
+            writer.write_tensor_data(rope_factors)
+            report.tensor_count += 1
         for i, plan in enumerate(plans):
             if plan.file not in open_files:
                 open_files[plan.file] = safe_open(str(plan.file), framework="pt")
