@@ -57,7 +57,7 @@ class DemoSpec:
 # weight; llama.cpp silently falls back to another type otherwise.
 # Qwen2 differs from Llama only by biases on q/k/v, so it starts from the trained Llama's weights
 # (biases at zero) and trains a few more steps, which gives it learned, non-zero biases: two
-# models for little more than the price of one. Training is ~2/3 of the build time.
+# models for little more than the price of one.
 SPECS = {
     "demo-llama": DemoSpec("llama"),
     "demo-qwen2": DemoSpec("qwen2", steps=40, lr=1e-3, base="demo-llama"),
@@ -70,6 +70,7 @@ def canonical_name(name: str) -> str:
 
 
 def demo_path(name: str, models_dir: Path | None = None) -> Path:
+    """Where the demo model ``name`` (alias or not) lives, built or not."""
     return Path(models_dir or get_settings().models_dir) / canonical_name(name)
 
 
@@ -151,11 +152,19 @@ def _build(
 
     tokenizer = build_tokenizer()
     stream = torch.tensor(corpus_token_stream(tokenizer), dtype=torch.long)
+    if len(stream) < 10_000:
+        raise BackpropError(
+            ErrorCode.RUNTIME_INTERNAL,
+            f"The demo corpus in {CORPUS_DIR} is missing or truncated ({len(stream)} tokens).",
+            hint="Reinstall backpropagate; its package data includes models/corpus/*.txt.",
+        )
     trained: dict[str, Any] = {}
 
     def budget(name: str) -> int:
-        # `steps` scales every model's budget alike (tests use a tiny one).
-        return SPECS[name].steps if steps is None else max(1, steps * SPECS[name].steps // 200)
+        # `steps` is the base model's budget; the others scale alike (tests use a tiny one).
+        if steps is None:
+            return SPECS[name].steps
+        return max(1, steps * SPECS[name].steps // SPECS["demo-llama"].steps)
 
     def base_model(name: str) -> tuple[Any, dict[str, Any]]:
         if name in trained:  # built earlier in this call
