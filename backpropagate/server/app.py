@@ -109,6 +109,12 @@ def create_app(
     app.add_exception_handler(Exception, _on_unexpected)
     for module in (runs, datasets, models, system):
         app.include_router(module.router, prefix="/api")
+    try:  # account routes, when the security layer provides them
+        from backpropagate.server.routes import auth
+    except ImportError:
+        auth = None
+    if auth is not None and hasattr(auth, "router"):
+        app.include_router(auth.router, prefix="/api")
     app.include_router(ws.router, prefix="/api")
     return app
 
