@@ -250,3 +250,33 @@ def test_unreachable_daemon_is_a_retryable_registration_error(tmp_path: Path) ->
 def test_ollama_host_environment_is_honoured(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OLLAMA_HOST", "127.0.0.1:5555")
     assert OllamaClient().base_url == "http://127.0.0.1:5555"
+
+
+def test_cli_register_list_rm_through_ollama_host(ollama: FakeOllama, tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    export = tmp_path / "gguf-q8_0"
+    export.mkdir()
+    (export / "run-q8_0.gguf").write_bytes(b"GGUF" + b"\0" * 4096)
+    meta = {
+        "gguf": "run-q8_0.gguf",
+        "chat_template": CHATML,
+        "context_length": 1024,
+        "eos_token": "<|im_end|>",
+    }
+    (export / "export.json").write_text(json.dumps(meta))
+    env = {**os.environ, "OLLAMA_HOST": ollama.url}
+    cli = [sys.executable, "-c", "from backpropagate.cli import main; main()", "ollama"]
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*cli, *args], capture_output=True, text=True, env=env, timeout=120)
+
+    reg = run("register", str(export), "--name", "tiny")
+    assert reg.returncode == 0, reg.stderr
+    assert ollama.models["tiny"]["parameters"] == {"stop": ["<|im_end|>"], "num_ctx": 1024}
+    assert "tiny:latest" in run("list").stdout
+    assert run("rm", "tiny").returncode == 0 and "tiny" not in ollama.models
+    gone = run("rm", "tiny")
+    assert gone.returncode == 1 and "[STATE_NOT_FOUND]" in gone.stderr

@@ -52,6 +52,21 @@ def test_serve_answers_a_streamed_chat_completion(qwen2_run: Path) -> None:  # n
         proc.wait(timeout=30)
 
 
+def test_chat_loads_the_gguf_and_streams_replies(qwen2_run: Path) -> None:  # noqa: F811
+    export_run(qwen2_run, "gguf", "q8_0", verify=False)
+    chat = subprocess.run(
+        [*BACKPROP, "chat", qwen2_run.name, "--max-tokens", "8", "--system", "Be brief."],
+        input="Hello there\nAnd again\n",
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert chat.returncode == 0, chat.stderr
+    # Two prompts, two replies: the conversation went on with its history.
+    assert chat.stdout.count("> ") >= 2
+    assert len(chat.stdout.replace("> ", "").strip()) > 0
+
+
 def test_stream_chat_without_a_server_is_a_clear_error() -> None:
     with pytest.raises(BackpropError) as err:
         list(stream_chat(f"http://127.0.0.1:{free_port()}", [{"role": "user", "content": "hi"}]))

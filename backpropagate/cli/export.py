@@ -92,6 +92,12 @@ def register(app: typer.Typer) -> None:
         check_server_extra()
         gguf = resolve_gguf(export)
         port = port or free_port()
+        if host not in ("127.0.0.1", "localhost", "::1"):
+            print(
+                f"warning: {host} is not loopback and the model server has no authentication; "
+                "anyone who can reach this port can use it",
+                file=sys.stderr,
+            )
         print(f"serving {gguf.name} at http://{host}:{port}/v1 (Ctrl-C stops)", file=sys.stderr)
         proc = subprocess.Popen(serve_command(gguf, port, host, n_ctx))
         try:
