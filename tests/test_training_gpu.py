@@ -119,3 +119,14 @@ def test_unsloth_failure_falls_back_once_or_refuses(data, tmp_path, monkeypatch)
     with pytest.raises(BackpropError) as info:
         run(data, tmp_path / "strict", backend="unsloth", unsloth_fallback=False, steps=2)
     assert info.value.code == ErrorCode.DEP_UNSLOTH_UNAVAILABLE
+
+
+def test_full_fine_tuning_keeps_fp32_master_weights(data, tmp_path):
+    from safetensors import safe_open
+
+    result, _, metrics = run(data, tmp_path / "run", backend="transformers", method="full", lr=1e-4)
+    assert metrics["precision"] == "bf16" and metrics["trainable_params"] == metrics["total_params"]
+    assert result.history[-1]["loss"] < result.history[0]["loss"]
+    with safe_open(result.adapter_path / "model.safetensors", "pt") as fh:
+        name = next(iter(fh.keys()))
+        assert fh.get_tensor(name).dtype == torch.float32

@@ -200,10 +200,12 @@ def _lora_config(config: RunConfig) -> Any:
 
 
 def _load_transformers(config: RunConfig, path: str, device: Any, precision: str, dtype: Any) -> Any:
+    import torch
     from transformers import AutoModelForCausalLM
 
-    # Full fine-tuning on GPU trains the weights in the compute precision (bf16/fp16) to fit memory.
-    kwargs: dict[str, Any] = {"dtype": dtype}
+    # Full fine-tuning keeps fp32 master weights (autocast computes in bf16/fp16): AdamW's small
+    # updates would round away in bf16 weights. Adapters train in fp32 on a low-precision base.
+    kwargs: dict[str, Any] = {"dtype": torch.float32 if config.method == "full" else dtype}
     if config.method == "qlora":
         from transformers import BitsAndBytesConfig
 
