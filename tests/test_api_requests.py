@@ -38,7 +38,7 @@ def test_unknown_run_is_404_everywhere(server):
     for method, path in [
         ("GET", "/api/runs/nope"), ("POST", "/api/runs/nope/stop"), ("POST", "/api/runs/nope/resume"),
         ("POST", "/api/runs/nope/clone"), ("DELETE", "/api/runs/nope"), ("GET", "/api/runs/nope/metrics"),
-        ("GET", "/api/runs/nope/checkpoints"), ("GET", "/api/runs/nope/log"),
+        ("GET", "/api/runs/nope/checkpoints"), ("GET", "/api/runs/nope/log"), ("GET", "/api/runs/nope/exports"),
     ]:  # fmt: skip
         import httpx
 

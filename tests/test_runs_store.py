@@ -9,7 +9,7 @@ import pytest
 
 from backpropagate.errors import BackpropError
 from backpropagate.events import Checkpoint, Completed, EventLog, Failed, RunStarted, Step
-from backpropagate.runs.store import Run, Store
+from backpropagate.runs.store import ExportRow, Run, Store
 
 
 @pytest.fixture
@@ -120,3 +120,14 @@ def test_reindex_rebuilds_runs_and_checkpoints_from_logs(store, tmp_path):
     crashed = store.get_run("crashed")
     assert crashed.status == "interrupted" and crashed.error_code == "RUNTIME_WORKER_CRASHED"
     assert store.reindex(runs_dir) == 2 and len(store.checkpoints("done")) == 1  # idempotent
+
+
+def test_exports_are_recorded_per_run_and_deleted_with_it(store):
+    store.add_run(Run(id="r3"))
+    store.add_export(
+        ExportRow(run_id="r3", format="gguf-q8_0", path="/x/model.gguf", bytes=5, created_at=2.0)
+    )
+    store.add_export(ExportRow(run_id="r3", format="gguf-f16", path="/x/f16.gguf", bytes=9, created_at=1.0))
+    assert [e.format for e in store.exports("r3")] == ["gguf-f16", "gguf-q8_0"]
+    store.delete_run("r3")
+    assert store.exports("r3") == [] and store.find_run("r3") is None

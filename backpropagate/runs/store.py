@@ -245,6 +245,18 @@ class Store:
             query = select(CheckpointRow).where(CheckpointRow.run_id == run_id).order_by(CheckpointRow.step)
             return list(s.exec(query))
 
+    # Exports ------------------------------------------------------------------
+    def add_export(self, row: ExportRow) -> ExportRow:
+        with Session(self.engine, expire_on_commit=False) as s:
+            s.add(row)
+            s.commit()
+            return row
+
+    def exports(self, run_id: str) -> list[ExportRow]:
+        with Session(self.engine, expire_on_commit=False) as s:
+            query = select(ExportRow).where(ExportRow.run_id == run_id).order_by(ExportRow.created_at)
+            return list(s.exec(query))
+
     # Data sets ----------------------------------------------------------------
     def add_dataset(self, row: DatasetRow) -> DatasetRow:
         with Session(self.engine, expire_on_commit=False) as s:

@@ -53,6 +53,13 @@ class CheckpointPublic(BaseModel):
     created_at: float
 
 
+class ExportPublic(BaseModel):
+    format: str
+    path: str
+    bytes: int
+    created_at: float
+
+
 class MetricsPublic(BaseModel):
     run_id: str
     total_points: int
@@ -139,6 +146,14 @@ async def run_checkpoints(run_id: str, service: ServiceDep) -> list[CheckpointPu
     await service.get(run_id)
     rows = await asyncio.to_thread(service.store.checkpoints, run_id)
     return [CheckpointPublic.model_validate(r.model_dump()) for r in rows]
+
+
+@router.get("/runs/{run_id}/exports", response_model=list[ExportPublic])
+async def run_exports(run_id: str, service: ServiceDep) -> list[ExportPublic]:
+    """Exports made from this run (GGUF, merged weights), oldest first."""
+    await service.get(run_id)
+    rows = await asyncio.to_thread(service.store.exports, run_id)
+    return [ExportPublic.model_validate(r.model_dump()) for r in rows]
 
 
 def _tail_lines(path: Any, n: int) -> list[str]:
