@@ -73,7 +73,7 @@ def ui_server() -> Iterator[UiServer]:
     env = {**os.environ, "BACKPROPAGATE_HOME": str(home), "HF_HUB_OFFLINE": "1"}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     ARTIFACTS.mkdir(exist_ok=True)
-    log = ARTIFACTS / "e2e-server.log"
+    log = home / "e2e-server.log"  # per session: another session may be running beside this one
     with log.open("wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "backpropagate", "ui", "--port", str(port), "--no-browser"],
@@ -90,7 +90,7 @@ def ui_server() -> Iterator[UiServer]:
             if proc.poll() is not None:
                 pytest.fail(f"backprop ui exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
             match = URL_RE.search(log.read_text(errors="replace"))
-            if match:
+            if match and f":{port}/" in match.group(0):
                 login_url = match.group(0).replace("localhost", "127.0.0.1")
                 break
             time.sleep(1)
@@ -98,10 +98,13 @@ def ui_server() -> Iterator[UiServer]:
             pytest.fail(f"backprop ui did not print its URL:\n{log.read_text()[-3000:]}")
         base = login_url.split("/?")[0].split("?")[0].rstrip("/")
         if (home / "ui").is_dir():
+            staged = UI_CACHE.with_name(f"{UI_CACHE.name}.{os.getpid()}")
+            shutil.copytree(home / "ui", staged, symlinks=True, ignore=shutil.ignore_patterns(".states"))
             shutil.rmtree(UI_CACHE, ignore_errors=True)
-            shutil.copytree(home / "ui", UI_CACHE, symlinks=True, ignore=shutil.ignore_patterns(".states"))
+            staged.rename(UI_CACHE)
         yield UiServer(proc, base, login_url, home, log)
     finally:
+        shutil.copy(log, ARTIFACTS / "e2e-server.log")
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)
             try:

@@ -146,7 +146,7 @@ def test_reload_mid_run_shows_every_step(ui: Page) -> None:
 
 def test_runs_table_and_compare_two_runs(ui: Page, ui_server) -> None:  # noqa: ANN001
     ui.click("#clone-run")
-    ui.wait_for_url(re.compile(r".*/runs/[\w-]+$"), timeout=30000)
+    ui.wait_for_url(lambda url: "/runs/" in url and not url.endswith(STATE["run"]), timeout=30000)
     clone = ui.url.rsplit("/", 1)[1]
     assert clone != STATE["run"]
     expect(ui.locator("#run-name")).to_have_text("e2e first (copy)", timeout=20000)
