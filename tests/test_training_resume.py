@@ -82,7 +82,8 @@ def assert_same_run(result, reference) -> None:
     assert [h["step"] for h in result.history] == list(range(1, STEPS + 1))
     got = [h["loss"] for h in result.history]
     want = [h["loss"] for h in reference.history]
-    assert got == pytest.approx(want, rel=1e-4, abs=1e-5)
+    # Tight: a resume that skipped restoring the RNG is off by ~1e-3 here (dropout masks differ).
+    assert got == pytest.approx(want, rel=1e-5, abs=1e-6)
     mine, theirs = adapter_weights(result.adapter_path), adapter_weights(reference.adapter_path)
     assert mine.keys() == theirs.keys()
     for key in mine:
