@@ -177,3 +177,16 @@ def test_fault_injector_fires_the_number_of_times_asked():
             faults.maybe_oom(3)
     faults.maybe_oom(3)  # spent
     FaultInjector({}).maybe_oom(3)
+
+
+def test_weights_of_another_shape_are_refused(tiny_parts):
+    import torch
+
+    from backpropagate.errors import BackpropError
+
+    model, _, _ = tiny_parts
+    with pytest.raises(BackpropError) as info:
+        ckpt.apply_weights(model, {"1.weight": torch.zeros(3, 4)})
+    assert info.value.code == ErrorCode.STATE_CHECKPOINT_INVALID and "1.weight" in info.value.message
+    ckpt.apply_weights(model, {"1.bias": torch.ones(2)})
+    assert torch.equal(model[1].bias.detach(), torch.ones(2))

@@ -277,10 +277,11 @@ def apply_weights(model: Any, weights: dict[str, Any]) -> None:
 
     params = dict(model.named_parameters())
     missing = [n for n in weights if n not in params]
+    missing += [n for n in weights if n in params and tuple(weights[n].shape) != tuple(params[n].shape)]
     if missing:
         raise BackpropError(
             ErrorCode.STATE_CHECKPOINT_INVALID,
-            f"Checkpoint weights do not fit this model (unknown: {missing[:3]}); "
+            f"Checkpoint weights do not fit this model (unknown or reshaped: {missing[:3]}); "
             "was the config (model, method, lora_r, target modules) changed since the run started?",
         )
     with torch.no_grad():
