@@ -86,6 +86,8 @@ def test_chat_template_round_trips(llama_run: Path) -> None:  # noqa: F811
     reader = gguf.GGUFReader(result.path)
     field = reader.fields["tokenizer.chat_template"]
     template = bytes(field.parts[field.data[0]]).decode()
+    # The llama tokenizer's post-processor adds BOS; the GGUF must tell llama.cpp to do the same.
+    assert bool(reader.fields["tokenizer.ggml.add_bos_token"].parts[-1][0]) is True
     assert (
         "<|im_start|>" in template and "{% generation %}" not in template and "endgeneration" not in template
     )
