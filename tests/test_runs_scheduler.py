@@ -44,24 +44,30 @@ def test_gpu_runs_take_free_indices_in_fifo_order(tmp_path, standin):
         try:
             data = str(tmp_path / "d.jsonl")
             two = await service.submit(RunConfig(data=data, steps=5, gpus=2))
-            ones = [await service.submit(RunConfig(data=data, steps=5, gpus=1)) for _ in range(3)]
+            ones = [await service.submit(RunConfig(data=data, steps=20, gpus=1)) for _ in range(3)]
             assert (await service.get(ones[0].id)).status == "queued"  # behind the 2-GPU run
             ids = [two.id] + [r.id for r in ones]
+            # Watch the scheduler's decisions as they happen (not worker start-up times, which
+            # vary with machine load): which runs hold GPUs at the same moment.
+            seen: set[tuple[str, ...]] = set()
+            while any(r.status not in ("completed", "failed") for r in [await service.get(i) for i in ids]):
+                seen.add(tuple(sorted(service.scheduler.workers)))
+                await asyncio.sleep(0.01)
             await _wait_all(service, ids)
-            return service, ids
+            return service, ids, seen
         finally:
             await service.close()
 
-    service, ids = asyncio.run(main())
+    service, ids, seen = asyncio.run(main())
     runs = {i: service.store.get_run(i) for i in ids}
     assert all(r.status == "completed" for r in runs.values())
     assert _started(service, ids[0]).device == "cuda:0,1" and runs[ids[0]].gpus == [0, 1]
     assert {_started(service, ids[1]).device, _started(service, ids[2]).device} == {"cuda:0", "cuda:1"}
-    # The two single-GPU runs overlapped; the third waited for a GPU to come free.
-    a, b, c = (runs[i] for i in ids[1:])
-    assert a.started_at < b.ended_at and b.started_at < a.ended_at
-    assert c.started_at >= min(a.ended_at, b.ended_at) - 0.5
-    assert runs[ids[1]].started_at >= runs[ids[0]].ended_at - 0.5  # FIFO: none overtook the 2-GPU run
+    two, a, b, c = ids
+    assert tuple(sorted((a, b))) in seen  # the two single-GPU runs shared the machine
+    for moment in seen:
+        assert two not in moment or moment == (two,)  # FIFO: nothing ran beside the 2-GPU run
+        assert len(moment) <= 2 and {a, b, c} - set(moment)  # never three runs on two GPUs
 
 
 def test_cpu_runs_limited_by_max_concurrent_runs(tmp_path, standin):
