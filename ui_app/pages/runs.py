@@ -221,7 +221,7 @@ def runs_page() -> rx.Component:
                     aria_label="Filter by status",
                 ),
                 rx.link(rx.button("New run", id="new-run-link"), href="/new"),
-                rx.text(RunsState.message, size="2", color_scheme="gray"),
+                rx.text(RunsState.message, size="2", color_scheme="gray", id="runs-message"),
                 spacing="3",
                 align="center",
                 margin_bottom="1em",
