@@ -37,7 +37,7 @@ def test_real_engine_run_streams_stops_and_resumes(home):
                 if event["type"] in ("completed", "failed", "cancelled"):
                     break
         assert first[-1]["type"] == "cancelled", first[-1]
-        stopped = server.wait_status(run_id, {"cancelled"})
+        stopped = server.wait_status(run_id, {"cancelled"}, timeout=180)
         saved = [e["step"] for e in first if e["type"] == "checkpoint"]
         assert saved and saved[-1] == first[-1]["step"] and stopped["step"] == saved[-1]
 
@@ -50,7 +50,7 @@ def test_real_engine_run_streams_stops_and_resumes(home):
         steps_after = [e["step"] for e in rest if e["type"] == "step"]
         assert steps_after == list(range(saved[-1] + 1, 7))
         assert rest[-1]["type"] == "completed"
-        final = server.wait_status(run_id, {"completed"})
+        final = server.wait_status(run_id, {"completed"}, timeout=180)
         assert final["step"] == 6 and final["final_metrics"]["final_loss"] > 0
         on_disk = [e.model_dump(mode="json") for e in read_events(home / "runs" / run_id / "events.jsonl")]
         assert on_disk == first + rest
