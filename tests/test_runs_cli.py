@@ -6,11 +6,12 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 from test_api_server import Server, _kill_workers
 
-from backpropagate.events import Completed, EventLog, Failed, RunStarted, Step
+from backpropagate.events import Cancelled, Completed, EventLog, Failed, RunStarted, Step
 
 
 def cli(home, *args, timeout=120):
@@ -104,3 +105,34 @@ def test_watch_and_runs_through_a_server(tmp_path):
     finally:
         server.stop()
         _kill_workers(server.home)
+
+
+def test_stop_and_resume_without_a_server(tmp_path):
+    from test_worker_standin import standin_env
+
+    home = tmp_path / "home"
+    env = standin_env(BACKPROPAGATE_HOME=str(home), BACKPROPAGATE_STANDIN_STEP_S="0.05", COLUMNS="200")
+    run_id = "20260101-000004-dddd"
+    _write_run(
+        home, run_id, [RunStarted(pid=1, total_steps=100), Cancelled(step=0)], steps=100, save_every=10
+    )
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "backpropagate", *args], capture_output=True, text=True, env=env, timeout=120)  # fmt: skip
+
+    assert run("runs", "reindex").returncode == 0
+    resumed = run("runs", "resume", run_id)
+    assert resumed.returncode == 0, resumed.stderr
+    shown = json.loads(run("runs", "show", run_id).stdout)
+    assert shown["status"] == "running" and shown["pid"]
+    events_path = home / "runs" / run_id / "events.jsonl"
+    deadline = time.time() + 30
+    while time.time() < deadline and len(events_path.read_text().splitlines()) < 6:
+        time.sleep(0.05)
+    stopped = run("runs", "stop", run_id)
+    assert stopped.returncode == 0, stopped.stderr
+    watched = run("watch", run_id, "--json", "--after", "2")
+    assert watched.returncode == 0, watched.stderr
+    events = [json.loads(line) for line in watched.stdout.splitlines()]
+    assert events[0]["type"] == "run_started" and events[-1]["type"] == "cancelled"
+    assert events[-2]["type"] == "checkpoint"

@@ -219,13 +219,14 @@ def watch(
     as_json: bool = typer.Option(False, "--json", help="Print each event as a JSON line to stdout."),
 ) -> None:
     """Follow a run's events with a progress bar until it ends."""
+    from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
     events = _follow_ws(url, run_id, after) if url else _follow_file(run_id, after)
     final = None
     with Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-        TextColumn("{task.fields[info]}"), TimeRemainingColumn(), disable=as_json,
+        TextColumn("{task.fields[info]}"), TimeRemainingColumn(), disable=as_json, console=Console(stderr=True),
     ) as progress:  # fmt: skip
         task = progress.add_task(run_id, total=None, info="")
         for data in events:
@@ -237,7 +238,14 @@ def watch(
                 if data.get("tokens_per_s"):
                     info += f"  {data['tokens_per_s']:.0f} tok/s"
                 progress.update(task, completed=data["step"], total=data["total_steps"], info=info)
-            elif kind in ("warning", "error", "paused", "resumed", "checkpoint", "oom_recovered"):
+            elif not as_json and kind in (
+                "warning",
+                "error",
+                "paused",
+                "resumed",
+                "checkpoint",
+                "oom_recovered",
+            ):
                 progress.console.print(f"{kind}: " + ", ".join(f"{k}={v}" for k, v in data.items()
                                                                if k not in ("v", "run_id", "ts", "type")))  # fmt: skip
             if kind in ("completed", "failed", "cancelled"):
