@@ -131,3 +131,24 @@ def test_exports_are_recorded_per_run_and_deleted_with_it(store):
     assert [e.format for e in store.exports("r3")] == ["gguf-f16", "gguf-q8_0"]
     store.delete_run("r3")
     assert store.exports("r3") == [] and store.find_run("r3") is None
+
+
+def test_reindex_keeps_a_live_worker_running(store, tmp_path):
+    import subprocess
+    import sys
+
+    runs_dir = tmp_path / "runs"
+    run_dir = (runs_dir / "live").resolve()
+    # A process whose command line is a worker's for this run dir (it just sleeps).
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(30)", "backpropagate.worker", str(run_dir)]
+    )
+    try:
+        _write_run(runs_dir, "live", [RunStarted(pid=proc.pid)])
+        store.reindex(runs_dir)
+        assert store.get_run("live").status == "running"
+    finally:
+        proc.kill()
+        proc.wait()
+    store.reindex(runs_dir)
+    assert store.get_run("live").status == "interrupted"

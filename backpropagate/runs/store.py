@@ -302,8 +302,7 @@ class Store:
                 row = apply_event(run, event)
                 if row is not None:
                     checkpoints.append(row)
-            if run.status in ("running", "paused"):
-                # No process is consulted here: the scheduler re-attaches live workers on start.
+            if run.status in ("running", "paused") and not _worker_alive(run, run_dir):
                 run.status = "interrupted"
                 run.error_code = str(ErrorCode.RUNTIME_WORKER_CRASHED)
                 run.error_message = "The event log ends without a final event."
@@ -321,6 +320,12 @@ class Store:
                 s.commit()
             count += 1
         return count
+
+
+def _worker_alive(run: Run, run_dir: Path) -> bool:
+    from backpropagate.runs.scheduler import is_our_worker  # the scheduler imports this module
+
+    return bool(run.pid) and is_our_worker(int(run.pid or 0), Path(run_dir).resolve())
 
 
 def _read_meta(run_dir: Path) -> dict[str, Any]:
