@@ -61,7 +61,7 @@ def test_run_row_formats_progress_eta_and_gpu() -> None:
          "tokens_per_s": 12345.6, "started_at": 1000.0, "gpus": [0, 1], "config": {"model": "demo"}},
         now=1050.0,
     )  # fmt: skip
-    assert row["progress"] == "25" and row["steps"] == "25/100"
+    assert row["progress"] == 25 and row["steps"] == "25/100"
     assert row["loss"] == "1.2346" and row["tps"] == "12,346"
     assert row["eta"] == "2m 30s"  # 2 s a step, 75 left
     assert row["gpu"] == "0,1" and row["active"] == "1" and row["resumable"] == ""

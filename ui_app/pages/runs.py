@@ -20,8 +20,8 @@ REFRESH_S = 1.0
 STATUSES = ["all", "queued", "running", "paused", "completed", "failed", "cancelled", "interrupted"]
 
 
-def run_row(run: dict[str, Any], now: float | None = None) -> dict[str, str]:
-    """One table row from a store record, every cell a display string."""
+def run_row(run: dict[str, Any], now: float | None = None) -> dict[str, Any]:
+    """One table row from a store record: display strings, and the progress as a percentage."""
     now = now or time.time()
     step, total = int(run.get("step") or 0), int(run.get("total_steps") or 0)
     started = run.get("started_at")
@@ -35,9 +35,7 @@ def run_row(run: dict[str, Any], now: float | None = None) -> dict[str, str]:
         "name": str(run.get("name") or (run.get("config") or {}).get("name") or run["id"]),
         "model": str((run.get("config") or {}).get("model", "")),
         "status": str(run.get("status", "")),
-        "progress": str(
-            int(100 * step / total) if total else (100 if run.get("status") == "completed" else 0)
-        ),
+        "progress": int(100 * step / total) if total else (100 if run.get("status") == "completed" else 0),
         "steps": f"{step}/{total}" if total else str(step),
         "loss": "" if loss is None else f"{loss:.4f}",
         "tps": "" if tps is None else f"{tps:,.0f}",
@@ -50,7 +48,7 @@ def run_row(run: dict[str, Any], now: float | None = None) -> dict[str, str]:
 
 
 class RunsState(rx.State):
-    runs: list[dict[str, str]] = []
+    runs: list[dict[str, Any]] = []
     status_filter: str = "all"
     message: str = ""
     confirm_delete: str = ""
