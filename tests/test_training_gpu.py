@@ -130,3 +130,29 @@ def test_full_fine_tuning_keeps_fp32_master_weights(data, tmp_path):
     with safe_open(result.adapter_path / "model.safetensors", "pt") as fh:
         name = next(iter(fh.keys()))
         assert fh.get_tensor(name).dtype == torch.float32
+
+
+@pytest.mark.parametrize("attention", ["4d", "position_ids"])
+def test_packed_examples_stay_apart_on_gpu(data, attention):
+    from transformers import AutoModelForCausalLM
+
+    from backpropagate.data import collate, pack
+    from backpropagate.models.demo import resolve_model
+
+    model = AutoModelForCausalLM.from_pretrained(resolve_model("demo"), attn_implementation="sdpa")
+    model = model.to("cuda").eval()
+    rows = [
+        {"input_ids": list(range(5 + n, 5 + 2 * n)), "labels": list(range(5 + n, 5 + 2 * n))}
+        for n in (7, 4, 9)
+    ]
+    packed = pack(rows, 32)
+    assert len(packed) == 1 and len(packed[0]["seq_lens"]) == 3
+    batch = {k: v.cuda() for k, v in collate(packed, pad_id=0, attention=attention).items()}
+    with torch.no_grad():
+        logits = model(**batch, use_cache=False).logits[0]
+        start = 0
+        for n in packed[0]["seq_lens"]:
+            ids = batch["input_ids"][:, start : start + n]
+            alone = model(input_ids=ids, use_cache=False).logits[0]
+            assert torch.allclose(alone, logits[start : start + n], atol=1e-4), (attention, start)
+            start += n

@@ -41,7 +41,7 @@ def evaluate(
                     continue
                 batch = to_device(collate_fn(chunk), device)
                 with autocast():
-                    out = model(**batch, num_items_in_batch=tokens)
+                    out = model(**batch, num_items_in_batch=tokens, use_cache=False)
                 # With num_items_in_batch the model returns the summed loss over the chunk / tokens.
                 total_loss += float(out.loss) * tokens
                 total_tokens += tokens

@@ -192,8 +192,11 @@ def setup(config: RunConfig, run_dir: Path, emit: Emit, control: RunControl) -> 
     scheduler = build_scheduler(config, optimizer, steps)
     fp16 = loaded.device.type == "cuda" and loaded.precision == "fp16"
     scaler = torch.amp.GradScaler("cuda") if fp16 else None
-    # Packed rows carry an additive float mask; it must match the attention's dtype.
+    # Packed rows stay apart either through a block-diagonal 4D mask (built here, any backend) or,
+    # on the transformers backend on GPU, through position ids from which transformers builds the
+    # mask on the device (no host-side mask, no copy). A 4D mask must match the attention's dtype.
     mask_dtype = loaded.dtype if loaded.device.type == "cuda" else torch.float32
+    attention = "position_ids" if loaded.device.type == "cuda" and loaded.backend == "transformers" else "4d"
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     run = Run(
         config=config,
@@ -204,7 +207,7 @@ def setup(config: RunConfig, run_dir: Path, emit: Emit, control: RunControl) -> 
         loaded=loaded,
         train=list(data.train),
         eval=list(data.eval),
-        collate=partial(collate, pad_id=pad_id, dtype=mask_dtype),
+        collate=partial(collate, pad_id=pad_id, dtype=mask_dtype, attention=attention),
         optimizer=optimizer,
         scheduler=scheduler,
         scaler=scaler,
@@ -382,7 +385,8 @@ def _accumulate_and_step(run: Run, step: int, examples: list[dict[str, Any]]) ->
     for i, chunk in enumerate(split_micro_batches(examples, run.state.micro_batch)):
         batch = to_device(run.collate(chunk), device)
         with run.loaded.autocast():
-            loss = model(**batch, num_items_in_batch=n_items).loss
+            # No KV cache in training: it costs memory and hides packed-example boundaries.
+            loss = model(**batch, num_items_in_batch=n_items, use_cache=False).loss
         (scaler.scale(loss) if scaler is not None else loss).backward()
         step_loss += loss.detach().float()
         if i == 0:
