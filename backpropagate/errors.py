@@ -61,6 +61,7 @@ class ErrorCode(StrEnum):
     STATE_RUN_NOT_FOUND = "STATE_RUN_NOT_FOUND"
     STATE_RUN_NOT_RESUMABLE = "STATE_RUN_NOT_RESUMABLE"
     STATE_RUN_ACTIVE = "STATE_RUN_ACTIVE"
+    STATE_RUN_NOT_EXPORTABLE = "STATE_RUN_NOT_EXPORTABLE"
     STATE_NOT_FOUND = "STATE_NOT_FOUND"
     # Authentication (served by the guard)
     AUTH_REQUIRED = "AUTH_REQUIRED"
@@ -274,6 +275,12 @@ CATALOG: dict[ErrorCode, ErrorSpec] = {
     C.STATE_RUN_ACTIVE: ErrorSpec(
         "The run is still active.",
         "Stop it first (`backprop runs stop RUN_ID`).",
+        http_status=409,
+    ),
+    C.STATE_RUN_NOT_EXPORTABLE: ErrorSpec(
+        "This run has no trained weights to export.",
+        "Export a completed or stopped run; resume a failed run first, "
+        "or export a checkpoint folder with `backprop export PATH`.",
         http_status=409,
     ),
     C.STATE_NOT_FOUND: ErrorSpec(
