@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from test_api_server import Server, _kill_workers
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
 pytestmark = pytest.mark.slow
@@ -160,3 +160,19 @@ def test_openapi_system_and_no_torch_in_server(server):
     assert system["packages"]["torch"] and system["server"]["gpu_indices"] == []
     maps = Path(f"/proc/{server.proc.pid}/maps").read_text()
     assert "libtorch" not in maps and "torch/_C" not in maps
+
+
+def test_headless_server_refuses_foreign_hosts_and_cross_site_requests(server):
+    import httpx
+
+    _error(server.get("/api/runs", headers={"Host": "evil.example"}), 421, "AUTH_HOST_FORBIDDEN")
+    _error(
+        server.post("/api/runs/x/stop", headers={"Origin": "http://evil.example"}),
+        403,
+        "AUTH_ORIGIN_FORBIDDEN",
+    )
+    same = httpx.get(server.url + "/api/runs", headers={"Origin": server.url}, timeout=10)
+    assert same.status_code == 200
+    with pytest.raises(InvalidStatus) as refused:
+        connect(f"ws://127.0.0.1:{server.port}/api/events", origin="http://evil.example").close()
+    assert refused.value.response.status_code == 403

@@ -279,9 +279,9 @@ def serve_api(
         )
     import uvicorn
 
-    from backpropagate.server.app import create_app
+    from backpropagate.server.app import headless_app
 
-    uvicorn.run(create_app(), host=host, port=port, log_level=log_level, ws="websockets-sansio")
+    uvicorn.run(headless_app(), host=host, port=port, log_level=log_level, ws="websockets-sansio")
 
 
 def register(app: typer.Typer) -> None:

@@ -79,7 +79,7 @@ def create_app(
 ) -> FastAPI:
     """The API app. ``service_args`` go to :class:`RunService` (e.g. ``gpu_indices``)."""
     from backpropagate.server import ws
-    from backpropagate.server.routes import datasets, models, runs, system
+    from backpropagate.server.routes import datasets, exports, models, runs, system
 
     settings = settings or get_settings()
 
@@ -107,7 +107,7 @@ def create_app(
     app.add_exception_handler(RequestValidationError, _on_validation_error)  # type: ignore[arg-type]
     app.add_exception_handler(StarletteHTTPException, _on_http_error)  # type: ignore[arg-type]
     app.add_exception_handler(Exception, _on_unexpected)
-    for module in (runs, datasets, models, system):
+    for module in (runs, exports, datasets, models, system):
         app.include_router(module.router, prefix="/api")
     try:  # account routes, when the security layer provides them
         from backpropagate.server.routes import auth
@@ -117,6 +117,34 @@ def create_app(
         app.include_router(auth.router, prefix="/api")
     app.include_router(ws.router, prefix="/api")
     return app
+
+
+class ForeignOriginCheck:
+    """Refuse requests and WebSockets that a page on another site sent (CSRF, CSWSH).
+
+    For the headless API: clients without an Origin (curl, the CLI, scripts) pass, since browsers
+    always send one on cross-site POSTs and WebSocket upgrades.
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        from backpropagate.server.security.asgi import GUARDED, header, refuse
+        from backpropagate.server.security.origin import same_origin
+
+        if scope["type"] in GUARDED:
+            origin = header(scope, "origin")
+            if origin is not None and not same_origin(origin, header(scope, "host")):
+                return await refuse(scope, receive, send, ErrorCode.AUTH_ORIGIN_FORBIDDEN)
+        await self.app(scope, receive, send)
+
+
+def headless_app(settings: Settings | None = None) -> Any:
+    """The API for `backprop serve-api`: loopback Host names only, no cross-site requests."""
+    from backpropagate.server.security.hosts import HostAllowlist
+
+    return HostAllowlist(ForeignOriginCheck(create_app(settings)), [])
 
 
 def app_from_env() -> FastAPI:
