@@ -1,0 +1,190 @@
+"""Exports through the API against a real server: a real run on the demo model, export subprocesses,
+GGUF downloads, and chat through a real llama.cpp server behind /api/chat."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from test_api_server import REPO_EXAMPLES, Server, _kill_workers
+
+pytestmark = pytest.mark.slow
+pytest.importorskip("llama_cpp")
+
+TINY_RUN = {
+    "model": "demo", "data": str(REPO_EXAMPLES / "quickstart.jsonl"), "steps": 2, "max_seq_len": 64,
+    "batch_size": 2, "grad_accum": 1, "eval_fraction": 0, "device": "cpu",
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def api(home: Path):
+    server = Server(home, engine=True).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+        _kill_workers(home)
+
+
+@pytest.fixture(scope="module")
+def run_id(api: Server) -> str:
+    resp = api.post("/api/runs", json={**TINY_RUN, "name": "export-me"})
+    assert resp.status_code == 201, resp.text
+    run = api.wait_status(resp.json()["id"], {"completed", "failed"}, timeout=240)
+    assert run["status"] == "completed", run
+    return run["id"]
+
+
+def _export(api: Server, run_id: str, **body) -> dict:
+    resp = api.post(f"/api/runs/{run_id}/exports", json=body)
+    assert resp.status_code == 202, resp.text
+    job = resp.json()
+    assert job["status"] == "running" and job["run_id"] == run_id
+    return job
+
+
+def _wait(api: Server, export_id: str, timeout: float = 300) -> tuple[dict, list[str]]:
+    """Poll until the export ends; returns its final state and every stage seen on the way."""
+    stages: list[str] = []
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        state = api.get(f"/api/exports/{export_id}").json()
+        if state["stage"] and state["stage"] not in stages:
+            stages.append(state["stage"])
+        if state["status"] != "running":
+            return state, stages
+        assert 0.0 <= state["progress"] < 1.0
+        time.sleep(0.2)
+    raise AssertionError(f"export {export_id} still running after {timeout} s: {state}")
+
+
+def _error(resp: httpx.Response, status: int, code: str) -> dict:
+    assert resp.status_code == status, resp.text
+    body = resp.json()
+    assert body["code"] == code, body
+    assert body["message"] and body["hint"]
+    return body
+
+
+def test_gguf_q8_0_export_runs_in_the_background_and_downloads(api: Server, run_id: str) -> None:
+    job = _export(api, run_id, format="gguf", quantization="q8_0", verify=True)
+    assert job["id"].startswith("gguf-q8_0-") and job["progress"] < 1.0
+    state, stages = _wait(api, job["id"])
+    assert state["status"] == "completed", state
+    assert state["progress"] == 1.0 and state["error"] is None
+    assert set(stages) <= {"merge", "convert", "verify"} and stages  # no quantize stage for q8_0
+    report = state["verification"]
+    assert report is not None and report["passed"] is True, report
+
+    files = {f["name"]: f["bytes"] for f in state["files"]}
+    gguf = next(name for name in files if name.endswith(".gguf"))
+    assert Path(state["path"]).name == gguf and "Modelfile" in files and "result.json" in files
+    assert not any(name.startswith(".") for name in files)  # the job's own files are not offered
+
+    resp = api.get(f"/api/exports/{job['id']}/download", params={"file": gguf})
+    assert resp.status_code == 200
+    assert resp.content[:4] == b"GGUF" and len(resp.content) == files[gguf]
+
+    listed = api.get(f"/api/runs/{run_id}/exports").json()
+    assert any(r["format"] == "gguf-q8_0" and r["path"] == state["path"] for r in listed)
+    jobs = api.get("/api/exports", params={"run_id": run_id}).json()
+    assert job["id"] in [j["id"] for j in jobs]
+
+
+def test_download_refuses_paths_and_unknown_files(api: Server, run_id: str) -> None:
+    jobs = api.get("/api/exports", params={"run_id": run_id}).json()
+    export_id = jobs[0]["id"]
+    for name in ("../config.json", "../../events.jsonl", "/etc/passwd", ".job.json/../x", ".."):
+        resp = api.get(f"/api/exports/{export_id}/download", params={"file": name})
+        _error(resp, 403, "INPUT_PATH_TRAVERSAL")
+    _error(
+        api.get(f"/api/exports/{export_id}/download", params={"file": ".job.json"}), 404, "STATE_NOT_FOUND"
+    )
+    _error(
+        api.get(f"/api/exports/{export_id}/download", params={"file": "nope.gguf"}), 404, "STATE_NOT_FOUND"
+    )
+    _error(api.get("/api/exports/no-such-export"), 404, "STATE_NOT_FOUND")
+    _error(api.get("/api/exports/..%2F..%2Fetc"), 404, "STATE_NOT_FOUND")
+
+
+def test_f16_export_serves_and_chat_streams_through_the_api(api: Server, run_id: str) -> None:
+    job = _export(api, run_id, format="gguf", quantization="f16", verify=False)
+    state, _ = _wait(api, job["id"])
+    assert state["status"] == "completed", state
+    assert any("verification skipped" in w for w in state["warnings"])
+
+    resp = httpx.post(f"{api.url}/api/exports/{job['id']}/serve", timeout=180)
+    assert resp.status_code == 200, resp.text
+    base_url = resp.json()["base_url"]
+    assert base_url.startswith("http://127.0.0.1:")
+    again = httpx.post(f"{api.url}/api/exports/{job['id']}/serve", timeout=60).json()
+    assert again["base_url"] == base_url  # one server per export, reused
+    assert api.get(f"/api/exports/{job['id']}").json()["base_url"] == base_url
+
+    body = {"export_id": job["id"], "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 12}
+    pieces, ended = [], None
+    with httpx.stream("POST", f"{api.url}/api/chat", json=body, timeout=120) as resp:
+        assert resp.status_code == 200
+        assert resp.headers["content-type"].startswith("text/event-stream")
+        event = None
+        for line in resp.iter_lines():
+            if line.startswith("event:"):
+                event = line.split(":", 1)[1].strip()
+            elif line.startswith("data:"):
+                data = json.loads(line[5:])
+                if event is None:
+                    pieces.append(data["text"])
+                else:
+                    ended = (event, data)
+                event = None
+    assert ended == ("done", {}), ended
+    assert len(pieces) >= 2 and "".join(pieces).strip()  # streamed piece by piece
+
+    assert api.delete(f"/api/exports/{job['id']}/serve").status_code == 204
+    assert api.get(f"/api/exports/{job['id']}").json()["base_url"] is None
+    with pytest.raises(httpx.TransportError):
+        httpx.get(f"{base_url}/v1/models", timeout=2)
+
+
+def test_refusals_unknown_run_bad_request_and_unservable_export(api: Server, run_id: str) -> None:
+    _error(api.post("/api/runs/no-such-run/exports", json={"format": "gguf"}), 404, "STATE_RUN_NOT_FOUND")
+    bad = api.post(f"/api/runs/{run_id}/exports", json={"format": "gguf", "quantization": "q9_z"})
+    assert "q9_z" in _error(bad, 422, "CONFIG_INVALID_SETTING")["message"]
+    _error(api.post(f"/api/runs/{run_id}/exports", json={"format": "onnx"}), 422, "INPUT_REQUEST_INVALID")
+
+    adapter = _export(api, run_id, format="adapter")
+    state, _ = _wait(api, adapter["id"])
+    assert state["status"] == "completed" and "adapter_config.json" in [f["name"] for f in state["files"]]
+    _error(api.post(f"/api/exports/{adapter['id']}/serve"), 404, "STATE_NOT_FOUND")
+
+
+def test_export_of_an_active_run_is_refused(api: Server) -> None:
+    resp = api.post("/api/runs", json={**TINY_RUN, "steps": 400, "name": "busy"})
+    assert resp.status_code == 201, resp.text
+    busy = resp.json()["id"]
+    try:
+        refused = api.post(f"/api/runs/{busy}/exports", json={"format": "gguf"})
+        body = _error(refused, 409, "STATE_RUN_ACTIVE")
+        assert busy in body["message"]
+    finally:
+        api.post(f"/api/runs/{busy}/stop")
+        api.wait_status(busy, {"cancelled", "completed", "failed"}, timeout=240)
+
+
+def test_a_failing_export_job_records_its_error(api: Server, run_id: str, home: Path) -> None:
+    weights = home / "runs" / run_id / "adapter" / "adapter_model.safetensors"
+    original = weights.read_bytes()
+    weights.write_bytes(b"not a safetensors file")
+    try:
+        job = _export(api, run_id, format="merged", quantization="f16")
+        state, _ = _wait(api, job["id"])
+    finally:
+        weights.write_bytes(original)
+    assert state["status"] == "failed", state
+    error = state["error"]
+    assert error["code"] and error["message"] and error["hint"]
+    assert state["ended_at"] is not None
