@@ -129,6 +129,7 @@ def test_stop_then_resume(ui: Page) -> None:
 
 def test_reload_mid_run_shows_every_step(ui: Page) -> None:
     before = points(ui)
+    assert status(ui) == "running", "the reload must happen while the run trains"
     ui.reload()
     wait_points(ui, max(before, 1), timeout_s=30)
     # no gap: one chart point per step so far (log_every=1), however the page was (re)loaded;
