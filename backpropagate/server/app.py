@@ -6,6 +6,7 @@ with the catalog's HTTP status. The server never imports torch.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -109,12 +110,16 @@ def create_app(
     app.add_exception_handler(Exception, _on_unexpected)
     for module in (runs, exports, datasets, models, system):
         app.include_router(module.router, prefix="/api")
-    try:  # account routes, when the security layer provides them
-        from backpropagate.server.routes import auth
-    except ImportError:
-        auth = None
-    if auth is not None and hasattr(auth, "router"):
-        app.include_router(auth.router, prefix="/api")
+    # Routes other parts of the product add when present: accounts (security), exports.
+    for name in ("auth", "exports"):
+        try:
+            module = importlib.import_module(f"backpropagate.server.routes.{name}")
+        except ImportError as exc:
+            if exc.name != f"backpropagate.server.routes.{name}":
+                raise  # the module exists but is broken: say so at start, not with a 404 later
+            continue
+        if hasattr(module, "router"):
+            app.include_router(module.router, prefix="/api")
     app.include_router(ws.router, prefix="/api")
     return app
 
