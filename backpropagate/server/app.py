@@ -80,7 +80,7 @@ def create_app(
 ) -> FastAPI:
     """The API app. ``service_args`` go to :class:`RunService` (e.g. ``gpu_indices``)."""
     from backpropagate.server import ws
-    from backpropagate.server.routes import datasets, exports, models, runs, system
+    from backpropagate.server.routes import datasets, models, runs, system
 
     settings = settings or get_settings()
 
@@ -108,7 +108,7 @@ def create_app(
     app.add_exception_handler(RequestValidationError, _on_validation_error)  # type: ignore[arg-type]
     app.add_exception_handler(StarletteHTTPException, _on_http_error)  # type: ignore[arg-type]
     app.add_exception_handler(Exception, _on_unexpected)
-    for module in (runs, exports, datasets, models, system):
+    for module in (runs, datasets, models, system):
         app.include_router(module.router, prefix="/api")
     # Routes other parts of the product add when present: accounts (security), exports.
     for name in ("auth", "exports"):
