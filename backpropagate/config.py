@@ -110,6 +110,11 @@ class RunConfig(BaseModel):
     )
     unsloth_fallback: bool = Field(True, description="Fall back to transformers + PEFT if Unsloth fails.")
     use_liger: bool | Literal["auto"] = Field("auto", description="Liger kernels on GPU when installed.")
+    adapter_dtype: Literal["auto", "fp32", "compute"] = Field(
+        "auto",
+        description="LoRA weights in fp32 or in the compute dtype; `auto`: compute dtype with bf16 on GPU "
+        "(faster, no casts), fp32 otherwise.",
+    )
     oom_recovery: bool = Field(True, description="On out-of-memory, halve the micro-batch and retry.")
 
     # GPU temperature guard (degrees Celsius)

@@ -165,7 +165,23 @@ def plain_loop(row: str, model_dir: Path, micro_batch: int, steps: int, warmup: 
 
 
 # ---------------------------------------------------------------------------- engine rows
-def engine_config(row: str, model_dir: Path, data: Path, micro_batch: int, steps: int) -> dict:
+def parse_row(row: str, default_mb: int) -> tuple[str, int, bool]:
+    """'c' -> ('c', default, False); sweep rows 'c:16' and 'c:16:ckpt' set micro-batch and checkpointing."""
+    base, *rest = row.split(":")
+    mb = int(rest[0]) if rest else default_mb
+    return base, mb, "ckpt" in rest
+
+
+def row_name(row: str) -> str:
+    base, *rest = row.split(":")
+    if not rest:
+        return ROW_NAMES[base]
+    return f"sweep: engine fallback, mb {rest[0]}{', ckpt' if 'ckpt' in rest else ''}"
+
+
+def engine_config(
+    row: str, model_dir: Path, data: Path, micro_batch: int, steps: int, ckpt: bool = False
+) -> dict:
     return {
         "model": str(model_dir),
         "data": str(data),
@@ -178,7 +194,7 @@ def engine_config(row: str, model_dir: Path, data: Path, micro_batch: int, steps
         "lora_r": LORA_R,
         "lora_alpha": 32,
         "target_modules": "all-linear",
-        "gradient_checkpointing": "auto" if row == "auto" else False,
+        "gradient_checkpointing": "auto" if row == "auto" else ckpt,
         "backend": "unsloth" if row == "d" else "transformers",
         "unsloth_fallback": False,
         "eval_fraction": 0.0,
@@ -198,25 +214,26 @@ def throughput_from_events(events: list[dict], warmup: int) -> tuple[float, int,
     return tokens / (timed[-1]["ts"] - timed[0]["ts"]), mb, ga
 
 
-def engine_row(row: str, model_dir: Path, data: Path, micro_batch: int, steps: int, warmup: int) -> dict:
+def engine_row(
+    row: str, model_dir: Path, data: Path, micro_batch: int, steps: int, warmup: int, ckpt: bool = False
+) -> dict:
     import torch
 
     from backpropagate.config import RunConfig
     from backpropagate.training import run_training
 
-    config = RunConfig(**engine_config(row, model_dir, data, micro_batch, steps + warmup))
+    config = RunConfig(**engine_config(row, model_dir, data, micro_batch, steps + warmup, ckpt))
     events: list[dict] = []
     run_dir = Path(tempfile.mkdtemp(prefix=f"bench-{row}-"))
     torch.cuda.reset_peak_memory_stats()
     run_training(config, run_dir, lambda e: events.append({**e.model_dump(), "ts": time.time()}))
     tps, mb, _ = throughput_from_events(events, warmup)
     started = next((e for e in events if e["type"] == "run_started"), {})
-    ckpt = config.gradient_checkpointing
     return {
         "tokens_per_s": tps,
         "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
         "micro_batch": mb,
-        "grad_ckpt": ckpt if isinstance(ckpt, bool) else None,
+        "grad_ckpt": ckpt if row != "auto" else None,
         "backend": started.get("backend"),
         "warnings": [e["message"] for e in events if e["type"] == "warning"],
     }
@@ -248,13 +265,13 @@ def worker_row(model_dir: Path, data: Path, micro_batch: int, steps: int, warmup
 def run_one(args: argparse.Namespace) -> None:
     """Child process: one row on one shape; prints one JSON line."""
     model_dir = Path(args.model_dir)
-    mb = SHAPES[args.shape]["micro_batch"]
-    if args.row in ("a", "b"):
-        out = plain_loop(args.row, model_dir, mb, args.steps, args.warmup)
-    elif args.row == "e":
+    row, mb, ckpt = parse_row(args.row, SHAPES[args.shape]["micro_batch"])
+    if row in ("a", "b"):
+        out = plain_loop(row, model_dir, mb, args.steps, args.warmup)
+    elif row == "e":
         out = worker_row(model_dir, Path(args.data), mb, args.steps, args.warmup)
     else:
-        out = engine_row(args.row, model_dir, Path(args.data), mb, args.steps, args.warmup)
+        out = engine_row(row, model_dir, Path(args.data), mb, args.steps, args.warmup, ckpt)
     print("RESULT " + json.dumps(out), flush=True)
 
 
@@ -283,6 +300,23 @@ def environment() -> dict:
     }
 
 
+def estimate_for(row: str, shape: str, entry: dict) -> float | None:
+    """Our memory model's prediction for transformers rows (a: plain loss; c and sweeps: Liger's fused loss)."""
+    from backpropagate.training.memory import estimate_memory, shape_from_config
+
+    if row.split(":")[0] not in ("a", "c") or not isinstance(entry.get("grad_ckpt"), bool):
+        return None
+    est = estimate_memory(
+        shape_from_config(SHAPES[shape]["config"]),
+        seq_len=SEQ,
+        micro_batch=entry["micro_batch"],
+        gradient_checkpointing=entry["grad_ckpt"],
+        lora_r=LORA_R,
+        fused_loss=row != "a",
+    )
+    return est.total_gib
+
+
 def peak_tflops(card: str) -> float | None:
     return next((v for k, v in PEAK_TFLOPS.items() if k in card), None)
 
@@ -297,19 +331,22 @@ def render(rows: list[dict], env: dict) -> str:
         f"Random-init models with real dimensions, seq {SEQ}, LoRA r{LORA_R} all-linear, bf16. "
         "Ratios are to row a of the same shape, measured in the same run.",
         "",
-        "| row | model | micro-batch | grad ckpt | tokens/s | peak GiB | MFU | ratio to a |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| row | model | micro-batch | grad ckpt | tokens/s | peak GiB | estimate GiB | MFU | ratio to a |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['name']} | {r['model']} | | | failed: {r['error'][:120]} | | | |")
+            lines.append(f"| {r['name']} | {r['model']} | | | failed: {r['error'][:120]} | | | | |")
             continue
         peak = f"{r['peak_gib']:.1f}" if r.get("peak_gib") else "?"
         mfu = f"{r['mfu'] * 100:.1f}%" if r.get("mfu") else "?"
         ratio = f"{r['ratio_to_baseline']:.2f}x" if r.get("ratio_to_baseline") else "?"
+        est = ""
+        if r.get("est_gib") and r.get("peak_gib"):
+            est = f"{r['est_gib']:.1f} ({(r['est_gib'] / r['peak_gib'] - 1) * 100:+.0f}%)"
         lines.append(
             f"| {r['name']} | {r['model']} | {r['micro_batch']} | {r['grad_ckpt']} | "
-            f"{r['tokens_per_s']:,.0f} | {peak} | {mfu} | {ratio} |"
+            f"{r['tokens_per_s']:,.0f} | {peak} | {est} | {mfu} | {ratio} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -322,6 +359,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--work", default="/tmp/bench-models")
     p.add_argument("--out", default=str(REPO / "bench"))
+    p.add_argument("--merge", help="earlier results JSON whose other shapes join this table")
     p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--row")
     p.add_argument("--shape")
@@ -348,7 +386,7 @@ def main() -> None:
             proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tempfile.gettempdir())
             found = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
             entry = {
-                "name": ROW_NAMES[row],
+                "name": row_name(row),
                 "row": row,
                 "model": SHAPES[shape]["label"],
                 "wall_s": time.time() - t0,
@@ -364,6 +402,7 @@ def main() -> None:
                     if peak
                     else None
                 )
+                entry["est_gib"] = estimate_for(row, shape, entry)
                 if row == "a":
                     baseline = entry["tokens_per_s"]
                 entry["ratio_to_baseline"] = entry["tokens_per_s"] / baseline if baseline else None
@@ -371,6 +410,10 @@ def main() -> None:
             print(f"{entry['name']:<42} {shape:>5} {entry.get('tokens_per_s', 0):>10,.0f} tok/s  "
                   f"{entry.get('peak_gib') or 0:6.1f} GiB  {entry.get('error', '')}", flush=True)  # fmt: skip
 
+    if args.merge and Path(args.merge).exists():
+        earlier = json.loads(Path(args.merge).read_text())
+        ran = {SHAPES[s]["label"] for s in args.models.split(",")}
+        rows = [r for r in earlier["rows"] if r["model"] not in ran] + rows
     out = Path(args.out)
     (out / "results").mkdir(parents=True, exist_ok=True)
     (out / "results" / "train_throughput.json").write_text(json.dumps({**env, "rows": rows}, indent=2) + "\n")

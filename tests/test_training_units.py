@@ -190,3 +190,19 @@ def test_weights_of_another_shape_are_refused(tiny_parts):
     assert info.value.code == ErrorCode.STATE_CHECKPOINT_INVALID and "1.weight" in info.value.message
     ckpt.apply_weights(model, {"1.bias": torch.ones(2)})
     assert torch.equal(model[1].bias.detach(), torch.ones(2))
+
+
+def test_adapters_stay_in_the_compute_dtype_only_for_bf16_lora_on_gpu():
+    import torch
+
+    from backpropagate.config import RunConfig
+    from backpropagate.training.backends import adapters_in_compute_dtype
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    lora = RunConfig(data="x")
+    assert adapters_in_compute_dtype(lora, cuda, "bf16")
+    assert not adapters_in_compute_dtype(lora, cuda, "fp16")  # the gradient scaler needs fp32
+    assert not adapters_in_compute_dtype(lora, cpu, "fp32")
+    assert not adapters_in_compute_dtype(RunConfig(data="x", adapter_dtype="fp32"), cuda, "bf16")
+    assert not adapters_in_compute_dtype(RunConfig(data="x", method="full"), cuda, "bf16")
+    assert not adapters_in_compute_dtype(RunConfig(data="x", method="qlora"), cuda, "bf16")
