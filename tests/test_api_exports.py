@@ -188,3 +188,19 @@ def test_a_failing_export_job_records_its_error(api: Server, run_id: str, home: 
     error = state["error"]
     assert error["code"] and error["message"] and error["hint"]
     assert state["ended_at"] is not None
+
+
+def test_a_restarted_server_finds_exports_and_stops_its_model_servers(api: Server, run_id: str) -> None:
+    jobs = api.get("/api/exports", params={"run_id": run_id}).json()
+    f16 = next(j for j in jobs if j["quantization"] == "f16" and j["status"] == "completed")
+    second = Server(api.home, engine=True).start()
+    try:
+        again = second.get(f"/api/exports/{f16['id']}").json()  # read back from the export's folder
+        assert again["status"] == "completed" and again["files"] == f16["files"]
+        base_url = httpx.post(f"{second.url}/api/exports/{f16['id']}/serve", timeout=180).json()["base_url"]
+        assert httpx.get(f"{base_url}/v1/models", timeout=5).status_code == 200
+    finally:
+        second.stop()
+    assert second.proc is not None and second.proc.returncode is not None
+    with pytest.raises(httpx.TransportError):  # the app's shutdown stopped the model server
+        httpx.get(f"{base_url}/v1/models", timeout=2)

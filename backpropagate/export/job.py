@@ -24,7 +24,7 @@ LOG_FILE = ".job.log"
 
 def append_line(path: Path, record: dict[str, Any]) -> None:
     """Append one JSON line in a single write, so a reader never sees half a record."""
-    data = (json.dumps({"ts": time.time(), **record}) + "\n").encode()
+    data = (json.dumps({"ts": time.time(), **record}, default=str) + "\n").encode()
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         os.write(fd, data)
