@@ -4,7 +4,10 @@ GGUF downloads, and chat through a real llama.cpp server behind /api/chat."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -117,12 +120,15 @@ def test_f16_export_serves_and_chat_streams_through_the_api(api: Server, run_id:
     assert state["status"] == "completed", state
     assert any("verification skipped" in w for w in state["warnings"])
 
-    resp = httpx.post(f"{api.url}/api/exports/{job['id']}/serve", timeout=180)
-    assert resp.status_code == 200, resp.text
-    base_url = resp.json()["base_url"]
-    assert base_url.startswith("http://127.0.0.1:")
-    again = httpx.post(f"{api.url}/api/exports/{job['id']}/serve", timeout=60).json()
-    assert again["base_url"] == base_url  # one server per export, reused
+    def serve() -> httpx.Response:
+        return httpx.post(f"{api.url}/api/exports/{job['id']}/serve", timeout=180)
+
+    with ThreadPoolExecutor(2) as pool:  # two pages asking at once still share one server
+        first, second = pool.map(lambda _: serve(), range(2))
+    assert first.status_code == second.status_code == 200, (first.text, second.text)
+    base_url = first.json()["base_url"]
+    assert base_url.startswith("http://127.0.0.1:") and second.json()["base_url"] == base_url
+    assert serve().json()["base_url"] == base_url  # reused while it runs
     assert api.get(f"/api/exports/{job['id']}").json()["base_url"] == base_url
 
     body = {"export_id": job["id"], "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 12}
@@ -188,6 +194,15 @@ def test_a_failing_export_job_records_its_error(api: Server, run_id: str, home: 
     error = state["error"]
     assert error["code"] and error["message"] and error["hint"]
     assert state["ended_at"] is not None
+
+
+def test_an_export_process_that_dies_is_reported_failed(api: Server, run_id: str, home: Path) -> None:
+    job = _export(api, run_id, format="gguf", quantization="f16")
+    job_file = home / "runs" / run_id / "exports" / job["id"] / ".job.json"
+    os.killpg(json.loads(job_file.read_text())["pid"], signal.SIGKILL)
+    state, _ = _wait(api, job["id"], timeout=30)
+    assert state["status"] == "failed" and state["error"]["code"] == "RUNTIME_INTERNAL"
+    assert "exited without a result" in state["error"]["message"]
 
 
 def test_a_restarted_server_finds_exports_and_stops_its_model_servers(api: Server, run_id: str) -> None:

@@ -134,6 +134,7 @@ class ExportJobs:
         self.dirs: dict[str, Path] = {}
         self.servers: dict[str, ModelServer] = {}
         self._lock = threading.Lock()
+        self._serve_lock = threading.Lock()  # two requests must not start two servers
 
     # Jobs ---------------------------------------------------------------------
     def start(
@@ -329,8 +330,6 @@ class ExportJobs:
 
     def serve(self, export_id: str) -> str:
         """Start (or reuse) llama_cpp.server for a completed GGUF export; returns its base URL."""
-        from backpropagate.export.serve import check_server_extra, free_port, serve_command, wait_ready
-
         state = self.status(export_id)
         gguf = state.get("path") or ""
         if state["status"] != "completed" or not gguf.endswith(".gguf"):
@@ -340,16 +339,22 @@ class ExportJobs:
                 "export can be served.",
                 hint="Export the run with format gguf and wait for it to complete.",
             )
-        with self._lock:
-            server = self.servers.get(export_id)
-        if server is not None and server.proc.poll() is None:
-            return server.base_url
+        with self._serve_lock:
+            with self._lock:
+                server = self.servers.get(export_id)
+            if server is not None and server.proc.poll() is None:
+                return server.base_url
+            return self._start_server(export_id, Path(gguf))
+
+    def _start_server(self, export_id: str, gguf: Path) -> str:
+        from backpropagate.export.serve import check_server_extra, free_port, serve_command, wait_ready
+
         check_server_extra()
         port = free_port()
         job_dir = self.job_dir(export_id)
         with (job_dir / ".serve.log").open("ab") as out:
             proc = subprocess.Popen(
-                serve_command(Path(gguf), port),
+                serve_command(gguf, port),
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=out,
