@@ -12,7 +12,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from test_api_server import REPO_EXAMPLES, Server, _kill_workers
+from test_api_server import REPO_EXAMPLES, Server, _free_port, _kill_workers
 
 pytestmark = pytest.mark.slow
 pytest.importorskip("llama_cpp")
@@ -25,7 +25,8 @@ TINY_RUN = {
 
 @pytest.fixture(scope="module")
 def api(home: Path):
-    server = Server(home, engine=True).start()
+    # Ollama registration goes to a port where nothing listens, so it fails for real.
+    server = Server(home, engine=True, OLLAMA_HOST=f"127.0.0.1:{_free_port()}").start()
     try:
         yield server
     finally:
@@ -194,6 +195,23 @@ def test_a_failing_export_job_records_its_error(api: Server, run_id: str, home: 
     error = state["error"]
     assert error["code"] and error["message"] and error["hint"]
     assert state["ended_at"] is not None
+
+
+def test_a_failed_ollama_registration_keeps_the_gguf_and_reports_the_error(api: Server, run_id: str) -> None:
+    job = _export(api, run_id, format="gguf", quantization="f16", verify=False, ollama_name="tiny-demo")
+    state, stages = _wait(api, job["id"])
+    assert state["status"] == "failed", state
+    assert state["error"]["code"] == "DEP_OLLAMA_REGISTRATION_FAILED"
+    assert "did not answer" in state["error"]["message"] and state["error"]["hint"]
+    assert stages[-1] == "ollama" and state["stage"] == "ollama"
+    assert any(f["name"].endswith(".gguf") for f in state["files"])  # what was made is still offered
+    _error(
+        api.post("/api/runs/x/exports", json={"format": "adapter", "ollama_name": "m"}),
+        404,
+        "STATE_RUN_NOT_FOUND",
+    )
+    bad = api.post(f"/api/runs/{run_id}/exports", json={"format": "adapter", "ollama_name": "m"})
+    _error(bad, 422, "CONFIG_INVALID_SETTING")
 
 
 def test_an_export_process_that_dies_is_reported_failed(api: Server, run_id: str, home: Path) -> None:
