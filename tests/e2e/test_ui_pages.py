@@ -28,6 +28,7 @@ STATE: dict[str, str] = {}
 def shot(page: Page, name: str, docs: bool = False) -> None:
     ARTIFACTS.mkdir(exist_ok=True)
     path = ARTIFACTS / f"ui-{name}.png"
+    page.mouse.move(0, 0)  # no chart tooltip left open under the pointer
     page.screenshot(path=str(path), full_page=True)
     if docs:
         DOCS_IMAGES.mkdir(parents=True, exist_ok=True)
@@ -112,7 +113,7 @@ def test_loss_chart_grows_without_reload(ui: Page) -> None:
     assert ui.url == url and grown > first
     # the chart draws the points it was given (one SVG path per series)
     expect(ui.locator("#loss-chart .recharts-line-curve").first).to_be_visible()
-    shot(ui, "run-page", docs=True)
+    shot(ui, "run-page-live")
 
 
 def test_stop_then_resume(ui: Page) -> None:
@@ -142,7 +143,7 @@ def test_reload_mid_run_shows_every_step(ui: Page) -> None:
     wait_status(ui, {"completed"}, timeout_s=300)
     expect(ui.locator("#final-metrics")).to_be_visible(timeout=20000)
     assert points(ui) == RUN_STEPS
-    shot(ui, "run-completed")
+    shot(ui, "run-page", docs=True)
 
 
 def test_runs_table_and_compare_two_runs(ui: Page, ui_server) -> None:  # noqa: ANN001
@@ -180,6 +181,21 @@ def test_runs_table_and_compare_two_runs(ui: Page, ui_server) -> None:  # noqa: 
             assert time.monotonic() < deadline, "the stopped run could not be deleted"
     expect(rows).to_have_count(1)
     expect(ui.locator(f"[data-run-id='{STATE['run']}']")).to_be_visible()
+
+
+def test_export_a_finished_run_to_gguf(ui: Page, ui_server) -> None:  # noqa: ANN001
+    ui.goto(f"{ui_server.base}/export?run={STATE['run']}")
+    expect(ui.locator("#export-run")).to_contain_text("e2e first", timeout=20000)
+    ui.click("#start-export")
+    expect(ui.locator("#export-progress")).to_contain_text("Exporting", timeout=20000)
+    result = ui.locator("#export-result")
+    expect(result.or_(ui.locator("#export-error"))).to_be_visible(timeout=240000)
+    shot(ui, "export", docs=True)
+    expect(ui.locator("#export-error")).to_have_count(0)
+    expect(result).to_contain_text(".gguf")
+    expect(result).to_contain_text("mean KL")  # the GGUF was checked against the HF model
+    gguf = Path(re.search(r"\S+\.gguf", result.inner_text()).group(0))
+    assert gguf.is_file() and gguf.read_bytes()[:4] == b"GGUF"
 
 
 def test_phone_width_layout(ui: Page, ui_server) -> None:  # noqa: ANN001

@@ -147,7 +147,7 @@ def export_page() -> rx.Component:
             rx.card(
                 rx.grid(
                     rx.box(
-                        rx.el.label("Run"),
+                        rx.el.label("Run", display="block"),
                         rx.select.root(
                             rx.select.trigger(placeholder="Pick a finished run", id="export-run"),
                             rx.select.content(
@@ -158,11 +158,11 @@ def export_page() -> rx.Component:
                         ),
                     ),
                     rx.box(
-                        rx.el.label("Format"),
+                        rx.el.label("Format", display="block"),
                         rx.select(FORMATS, value=s.fmt, on_change=ExportState.set_fmt, aria_label="Format"),
                     ),
                     rx.box(
-                        rx.el.label("Quantization"),
+                        rx.el.label("Quantization", display="block"),
                         rx.select(
                             s.quant_choices,
                             value=s.quantization,

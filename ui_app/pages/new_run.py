@@ -411,7 +411,7 @@ def _model_step() -> rx.Component:
                 rx.el.datalist(rx.foreach(s.models, lambda m: rx.el.option(value=m)), id="model-options"),
             ),
             rx.box(
-                rx.el.label("Method"),
+                rx.el.label("Method", display="block"),
                 rx.select(
                     ["lora", "qlora", "full"],
                     value=s.values["method"],
@@ -420,7 +420,7 @@ def _model_step() -> rx.Component:
                 ),
             ),
             rx.box(
-                rx.el.label("Preset"),
+                rx.el.label("Preset", display="block"),
                 rx.select(
                     ["none", *PRESETS],
                     value=rx.cond(s.values["preset"] != "", s.values["preset"], "none"),
