@@ -223,6 +223,26 @@ def test_an_export_process_that_dies_is_reported_failed(api: Server, run_id: str
     assert "exited without a result" in state["error"]["message"]
 
 
+def test_deleting_exports_cancels_running_jobs_and_forgets_finished_ones(
+    api: Server, run_id: str, home: Path
+) -> None:
+    running = _export(api, run_id, format="gguf", quantization="f16", verify=False)
+    folder = home / "runs" / run_id / "exports" / running["id"]
+    pid = json.loads((folder / ".job.json").read_text())["pid"]
+    assert api.delete(f"/api/exports/{running['id']}").status_code == 204
+    assert not folder.exists() and not Path(f"/proc/{pid}").exists()  # stopped and reaped
+    _error(api.get(f"/api/exports/{running['id']}"), 404, "STATE_NOT_FOUND")
+
+    done = _export(api, run_id, format="adapter")
+    state, _ = _wait(api, done["id"])
+    recorded = [r["path"] for r in api.get(f"/api/runs/{run_id}/exports").json()]
+    assert state["path"] in recorded
+    assert api.delete(f"/api/exports/{done['id']}").status_code == 204
+    assert state["path"] not in [r["path"] for r in api.get(f"/api/runs/{run_id}/exports").json()]
+    assert len(api.get(f"/api/runs/{run_id}/exports").json()) == len(recorded) - 1
+    _error(api.delete(f"/api/exports/{done['id']}"), 404, "STATE_NOT_FOUND")
+
+
 def test_a_restarted_server_finds_exports_and_stops_its_model_servers(api: Server, run_id: str) -> None:
     jobs = api.get("/api/exports", params={"run_id": run_id}).json()
     f16 = next(j for j in jobs if j["quantization"] == "f16" and j["status"] == "completed")

@@ -12,6 +12,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -24,7 +25,7 @@ from typing import Any
 from backpropagate.errors import BackpropError, ErrorCode
 from backpropagate.export.job import JOB_FILE, LOG_FILE, PROGRESS_FILE
 from backpropagate.logs import get_logger
-from backpropagate.runs.store import Run
+from backpropagate.runs.store import Run, Store
 from backpropagate.settings import Settings
 
 log = get_logger(__name__)
@@ -320,6 +321,22 @@ class ExportJobs:
             raise BackpropError(ErrorCode.STATE_NOT_FOUND, f"Export {export_id} has no file {name!r}.")
         return candidate
 
+    def delete(self, export_id: str, store: Store) -> None:
+        """Stop the export's job and model server if running, then remove its folder and record."""
+        job_dir = self.job_dir(export_id)
+        job = json.loads((job_dir / JOB_FILE).read_text())
+        self.stop_server(export_id)
+        with self._lock:
+            proc = self.procs.pop(export_id, None)
+            self.dirs.pop(export_id, None)
+        if proc is not None:
+            _stop(proc)
+        elif job.get("pid") and _pid_is_job(int(job["pid"]), job_dir):
+            _kill_group(int(job["pid"]), job_dir)
+        store.delete_exports(job["run_id"], str(job_dir))
+        shutil.rmtree(job_dir, ignore_errors=True)
+        log.info("deleted export %s of run %s", export_id, job["run_id"])
+
     # Model servers --------------------------------------------------------------
     def _serving(self, export_id: str) -> str | None:
         with self._lock:
@@ -396,5 +413,18 @@ def _stop(proc: subprocess.Popen[bytes], grace_s: float = 10.0) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(5)
+    except ProcessLookupError:
+        pass
+
+
+def _kill_group(pid: int, job_dir: Path, grace_s: float = 10.0) -> None:
+    # A job started by an earlier server: no Popen to wait on, so watch /proc instead.
+    try:
+        os.killpg(pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        while _pid_is_job(pid, job_dir) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if _pid_is_job(pid, job_dir):
+            os.killpg(pid, signal.SIGKILL)
     except ProcessLookupError:
         pass

@@ -257,6 +257,20 @@ class Store:
             query = select(ExportRow).where(ExportRow.run_id == run_id).order_by(ExportRow.created_at)
             return list(s.exec(query))
 
+    def delete_exports(self, run_id: str, folder: str) -> int:
+        """Forget the run's exports stored in ``folder`` (or that are it); returns how many."""
+        prefix = folder.rstrip("/") + "/"
+        with Session(self.engine) as s:
+            rows = [
+                r
+                for r in s.exec(select(ExportRow).where(ExportRow.run_id == run_id))
+                if r.path == folder or r.path.startswith(prefix)
+            ]
+            for row in rows:
+                s.delete(row)
+            s.commit()
+            return len(rows)
+
     # Data sets ----------------------------------------------------------------
     def add_dataset(self, row: DatasetRow) -> DatasetRow:
         with Session(self.engine, expire_on_commit=False) as s:

@@ -122,6 +122,13 @@ async def get_export(export_id: str, request: Request) -> ExportStatus:
     return ExportStatus.model_validate(await asyncio.to_thread(get_jobs(request).status, export_id))
 
 
+@router.delete("/exports/{export_id}", status_code=204)
+async def delete_export(export_id: str, service: ServiceDep, request: Request) -> Response:
+    """Cancel a running export or remove a finished one: its job, model server, files and record."""
+    await asyncio.to_thread(get_jobs(request).delete, export_id, service.store)
+    return Response(status_code=204)
+
+
 @router.get("/exports/{export_id}/download", response_class=FileResponse)
 async def download_export_file(
     export_id: str, request: Request, file: str = Query(..., description="One of the export's file names.")
