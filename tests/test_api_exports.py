@@ -257,3 +257,30 @@ def test_a_restarted_server_finds_exports_and_stops_its_model_servers(api: Serve
     assert second.proc is not None and second.proc.returncode is not None
     with pytest.raises(httpx.TransportError):  # the app's shutdown stopped the model server
         httpx.get(f"{base_url}/v1/models", timeout=2)
+
+
+def test_runs_without_weights_or_unfinished_are_not_exportable(tmp_path: Path) -> None:
+    from backpropagate.errors import BackpropError
+    from backpropagate.runs.exports import ExportJobs, weights_source
+    from backpropagate.runs.store import Run
+    from backpropagate.settings import Settings
+
+    jobs = ExportJobs(Settings(home=tmp_path))
+    run_dir = tmp_path / "runs" / "r1"
+    run_dir.mkdir(parents=True)
+    for status, code in [("failed", "STATE_RUN_NOT_EXPORTABLE"), ("interrupted", "STATE_RUN_NOT_EXPORTABLE"),
+                         ("queued", "STATE_RUN_ACTIVE"), ("paused", "STATE_RUN_ACTIVE"),
+                         ("completed", "STATE_RUN_NOT_EXPORTABLE")]:  # fmt: skip
+        with pytest.raises(BackpropError) as err:
+            jobs.start(Run(id="r1", status=status), "gguf", "f16")
+        assert err.value.code == code and "r1" in err.value.message
+    assert not (run_dir / "exports").exists()  # nothing started
+
+    (run_dir / "adapter").mkdir()
+    (run_dir / "adapter" / "config.json").write_text("{}")  # full fine-tuning saves a whole model
+    assert weights_source(Run(id="r1", status="completed"), run_dir) == run_dir
+    out = tmp_path / "elsewhere"
+    out.mkdir()
+    (out / "adapter_config.json").write_text("{}")
+    (run_dir / "adapter" / "config.json").unlink()
+    assert weights_source(Run(id="r1", config={"output_dir": str(out)}), run_dir) == out

@@ -75,9 +75,9 @@ def check_request(fmt: str, quantization: str | None) -> str | None:
 
 def weights_source(run: Run, run_dir: Path) -> Path | None:
     """The folder holding the run's trained weights (run folder or its output_dir), if any."""
-    if (run_dir / "adapter" / "adapter_config.json").is_file() or (
-        run_dir / "model" / "config.json"
-    ).is_file():
+    # LoRA runs leave adapter/adapter_config.json; full fine-tuning a whole model (config.json).
+    marks = ("adapter/adapter_config.json", "adapter/config.json", "model/config.json")
+    if any((run_dir / mark).is_file() for mark in marks):
         return run_dir
     output_dir = (run.config or {}).get("output_dir")
     if output_dir:
