@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
+import fcntl
+import hashlib
 import os
 import re
 import shutil
@@ -18,6 +21,7 @@ import sys
 import tempfile
 import textwrap
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,7 +54,9 @@ def fresh_source() -> str:
 
 
 def shared_build_folder() -> Path:
-    folder = BUILD_CACHE / __version__
+    """This checkout's build folder: other checkouts (other sources) build in their own."""
+    checkout = hashlib.sha256(str(Path(__file__).resolve().parent).encode()).hexdigest()[:12]
+    folder = BUILD_CACHE / checkout / __version__
     if not folder.exists():
         seed = E2E_CACHE / __version__
         if seed.is_dir():
@@ -174,19 +180,36 @@ def start_real_app(tmp: Path, mode: str, timeout: float = 480) -> RealApp:
         stand_in_cloudflared(tmp / "bin", extra["cloudflared_pid"])
         env["PATH"] = f"{tmp / 'bin'}{os.pathsep}{env['PATH']}"
     output = tmp / "backprop-ui.out"
-    with output.open("wb") as fh:
-        proc = subprocess.Popen(
-            args, env=env, cwd=tmp, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True
-        )
+    # One build at a time in the shared folder: a second test run waits until the first one's
+    # server is up (the build is then reused) instead of building over it.
+    with build_lock():
+        with output.open("wb") as fh:
+            proc = subprocess.Popen(
+                args, env=env, cwd=tmp, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        return _wait_for_url(proc, output, mode, port, home, extra, timeout)
+
+
+@contextlib.contextmanager
+def build_lock() -> Iterator[None]:
+    with (shared_build_folder().parent / "build.lock").open("w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _wait_for_url(
+    proc: subprocess.Popen, output: Path, mode: str, port: int, home: Path, extra: dict, timeout: float
+) -> RealApp:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         text = output.read_text(errors="replace")
         if match := URL_RE.search(text):
             url = match.group(1)
             token = url.split("token=", 1)[1] if "token=" in url else None
-            app = RealApp(mode, port, home, proc, url, output, token=token, extra=extra)
-            app.extra["startup_text"] = text
-            return app
+            return RealApp(mode, port, home, proc, url, output, token=token, extra=extra)
         if proc.poll() is not None:
             raise RuntimeError(f"backprop ui exited with {proc.returncode}:\n{text[-3000:]}")
         time.sleep(0.3)

@@ -31,6 +31,7 @@ CREDS = ["none", "bad_header", "good_header", "bad_cookie", "good_cookie"]
 HOSTS = ["allowed", "foreign", "ip_literal"]
 ORIGINS = ["same", "foreign", "none"]
 STATE_CHANGING = {"POST", "PUT", "PATCH", "DELETE"}
+PROBE_BODY = b'"matrix probe"'  # valid JSON that no request body of the API accepts
 
 
 @pytest.fixture(scope="module", params=["local", "basic", "shared"])
@@ -59,16 +60,35 @@ def page_routes() -> list[str]:
     return [re.sub(r"\[\w+\]", DUMMY_ID, r) for r in routes]
 
 
-def api_operations(app: RealApp) -> list[tuple[str, str]]:
-    """(method, path) of every operation in /api/openapi.json, fetched with good credentials."""
+def app_answer(method: str, path: str, operation: dict) -> int | None:
+    """What the API itself answers the matrix's request, read from the operation's schema.
+
+    The matrix fills path parameters with an unknown id, sends no query and, to anything that
+    changes state, a JSON string as the body: so a missing query parameter or any body means
+    422, before the handler runs; otherwise an unknown id means 404 and a plain GET 200.
+    None: a state-changing operation with neither (none exists; then anything but 5xx).
+    """
+    params = operation.get("parameters", [])
+    if any(p.get("required") and p["in"] == "query" for p in params):
+        return 422
+    if method in STATE_CHANGING and "requestBody" in operation:
+        return 422
+    if any(p["in"] == "path" for p in params):
+        return 404
+    return 200 if method == "GET" else None
+
+
+def api_operations(app: RealApp) -> list[tuple[str, str, str, int | None]]:
+    """Every operation in /api/openapi.json (fetched with good credentials) as a matrix route."""
     with app.client() as c:
         r = c.get("/api/openapi.json", headers={"cookie": app.cookie})
     assert r.status_code == 200, r.text
     ops = []
     for path, item in r.json()["paths"].items():
-        for method in item:
+        for method, operation in item.items():
             if method.upper() in {"GET", "POST", "PUT", "PATCH", "DELETE"}:
-                ops.append((method.upper(), re.sub(r"\{\w+\}", DUMMY_ID, path)))
+                filled = re.sub(r"\{\w+\}", DUMMY_ID, path)
+                ops.append((method.upper(), filled, "api", app_answer(method.upper(), path, operation)))
     return ops
 
 
@@ -78,15 +98,6 @@ def static_asset(app: RealApp) -> str:
     assets = re.findall(r'(?:src|href)="(/assets/[^"]+\.js)"', html)
     assert assets, "the page links its bundle"
     return assets[0]
-
-
-def app_answer(method: str, path: str, kind: str) -> int:
-    """What the app itself answers once the guard lets a request through (a dummy id, a bad body)."""
-    if kind != "api":
-        return 200
-    if DUMMY_ID in path:
-        return 404  # an unknown run or data set
-    return 200 if method == "GET" else 422  # the body {"x": 1} is not a valid request
 
 
 def expected(method: str, kind: str, creds: str, host: str, origin: str) -> int:
@@ -154,6 +165,21 @@ class Clients:
         self.pool[bad] = (client, uses + 1)
         return client
 
+    def drop(self, creds: str) -> None:
+        """Forget the connection ``creds`` used (the server closed it)."""
+        entry = self.pool[creds == "bad_header"]
+        if entry:
+            entry[0].close()
+            self.pool[creds == "bad_header"] = None
+
+    def send(self, creds: str, method: str, path: str, **kwargs: object) -> httpx.Response:
+        """One request; if the server had closed the kept-alive connection, once more on a new one."""
+        try:
+            return self.get(creds).request(method, path, **kwargs)
+        except httpx.RemoteProtocolError:  # "disconnected without sending a response": a stale connection
+            self.drop(creds)
+            return self.get(creds).request(method, path, **kwargs)
+
     def close(self) -> None:
         for entry in self.pool.values():
             if entry:
@@ -161,22 +187,25 @@ class Clients:
 
 
 def check_http_cell(
-    app: RealApp, clients: Clients, method: str, path: str, kind: str, cell: tuple[str, str, str]
+    app: RealApp, clients: Clients, route: tuple[str, str, str, int | None], cell: tuple[str, str, str]
 ) -> str | None:
     """None when the cell behaves as expected, else a line saying what went wrong."""
+    method, path, kind, app_want = route
     creds, host, origin = cell
     headers = {**cell_headers(app, creds), "host": host_header(app, host)}
     if value := origin_value(app, host, origin):
         headers["origin"] = value
     want = expected(method, kind, creds, host, origin)
-    c = clients.get(creds)
-    r = c.request(method, path, headers=headers, json={"x": 1} if method in STATE_CHANGING else None)
+    if method in STATE_CHANGING:
+        headers["content-type"] = "application/json"
+    probe = PROBE_BODY if method in STATE_CHANGING else None
+    r = clients.send(creds, method, path, headers=headers, content=probe)
     where = f"{method} {path} {creds}/{host}/{origin}"
     if want == 0 and kind == "page" and r.status_code == 307:
         # The exported pages are folders: the static server adds the slash, then serves the page.
         if r.headers["location"].split(app.host, 1)[-1] != path + "/":
             return f"{where}: redirected to {r.headers['location']}"
-        r = c.get(path + "/", headers=headers)
+        r = clients.send(creds, "GET", path + "/", headers=headers)
     if r.headers.get("x-frame-options") != "DENY":
         return f"{where}: no security headers"
     body_code = None
@@ -184,11 +213,13 @@ def check_http_cell(
         body = r.json()
         body_code = body.get("code") if isinstance(body, dict) else None
     if want == 0:  # passed the guard: the app answered, not the guard
-        app_want = app_answer(method, path, kind)
-        if r.status_code != app_want or str(body_code or "").startswith("AUTH_"):
+        wrong = r.status_code >= 500 if app_want is None else r.status_code != app_want
+        if wrong or str(body_code or "").startswith("AUTH_") or r.status_code in (303, 401, 421, 429):
             return f"{where}: got {r.status_code} {r.text[:120]!r}, want the app's {app_want}"
         if kind == "page" and "<html" not in r.text.lower():
             return f"{where}: no page"
+        if kind == "poll" and "Invalid transport" not in r.text:
+            return f"{where}: the socket server answered {r.text[:120]!r}"
         return None
     if r.status_code != want:
         return f"{where}: got {r.status_code} {r.text[:120]!r}, want {want}"
@@ -233,18 +264,21 @@ CELLS = list(itertools.product(CREDS, HOSTS, ORIGINS))
 
 def test_realapp_matrix_every_route(app: RealApp) -> None:
     """All API operations, pages, an asset and three sockets x 45 credential/Host/Origin cells."""
-    ops = [(m, p, "api") for m, p in api_operations(app)]
-    assert ("GET", "/api/runs", "api") in ops and ("POST", "/api/runs", "api") in ops
-    assert any(m == "DELETE" for m, _, _ in ops)
-    pages = [("GET", p, "page") for p in page_routes()]
-    assert ("GET", "/", "page") in pages and ("GET", f"/runs/{DUMMY_ID}", "page") in pages
-    http = [*ops, *pages, ("GET", static_asset(app), "asset")]
+    ops = api_operations(app)
+    assert ("GET", "/api/runs", "api", 200) in ops and ("POST", "/api/runs", "api", 422) in ops
+    assert ("DELETE", f"/api/runs/{DUMMY_ID}", "api", 404) in ops
+    pages = [("GET", p, "page", 200) for p in page_routes()]
+    assert ("GET", "/", "page", 200) in pages and ("GET", f"/runs/{DUMMY_ID}", "page", 200) in pages
+    # Reflex's socket path also takes plain HTTP (engine.io polling): the same guard must cover it.
+    # Reflex's socket server speaks WebSocket only: past the guard it answers "Invalid transport".
+    poll = ("GET", "/_event/?EIO=4&transport=polling", "poll", 400)
+    http = [*ops, *pages, ("GET", static_asset(app), "asset", 200), poll]
     sockets = [f"/api/runs/{DUMMY_ID}/events", "/api/events", "/_event/?EIO=4&transport=websocket"]
     failures = []
     clients = Clients(app)
     try:
-        for (method, path, kind), cell in itertools.product(http, CELLS):
-            failures.append(check_http_cell(app, clients, method, path, kind, cell))
+        for route, cell in itertools.product(http, CELLS):
+            failures.append(check_http_cell(app, clients, route, cell))
     finally:
         clients.close()
     for path, cell in itertools.product(sockets, CELLS):
@@ -277,7 +311,8 @@ def test_realapp_mode_credentials_and_hosts(app: RealApp) -> None:
             assert c.get("/", params={"token": "nope"}).status_code == 401
         else:
             assert "token=" not in app.url and PASSWORD not in launch
-            assert ("Shared at: https://" + TUNNEL_HOST) in app.extra["startup_text"] or app.mode == "basic"
+            shared_line = f"Shared at: https://{TUNNEL_HOST}/"
+            assert (shared_line in app.output.read_text()) == (app.mode == "shared")
             r = c.post(
                 "/api/auth/login",
                 json={"username": "alice", "password": PASSWORD},
