@@ -72,6 +72,17 @@ def test_header_shows_mode_and_pages_render(ui: Page, ui_server) -> None:  # noq
     shot(ui, "chat")
     ui.goto(ui_server.base + "/export")
     expect(ui.locator("#export-no-runs")).to_be_visible()
+    # an unknown run says so instead of showing an empty page
+    ui.goto(ui_server.base + "/runs/20990101-000000-0000")
+    expect(
+        ui.get_by_text("STATE_RUN_NOT_FOUND", exact=False).or_(ui.get_by_text("No run", exact=False)).first
+    ).to_be_visible(timeout=20000)
+    # the theme switch flips the page between light and dark
+    dark_before = ui.evaluate("document.documentElement.classList.contains('dark')")
+    ui.get_by_role("button", name="Toggle light and dark theme").click()
+    expect(ui.locator("html")).to_have_class(re.compile(r"\blight\b" if dark_before else r"\bdark\b"))
+    shot(ui, "unknown-run-theme")
+    ui.get_by_role("button", name="Toggle light and dark theme").click()
 
 
 def test_upload_shows_validation_errors_with_line_numbers(ui: Page, ui_server) -> None:  # noqa: ANN001

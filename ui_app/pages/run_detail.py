@@ -103,7 +103,7 @@ class RunDetailState(rx.State):
                     try:
                         row = await service.get_run(run_id)
                     except BackpropError as exc:
-                        row = {"error": exc.message}
+                        row = {"error": f"[{exc.code}] {exc.message}"}
                     except Exception:  # noqa: BLE001 - the log alone still draws the page
                         row = {}
                     changed = True
