@@ -560,3 +560,26 @@ def test_realapp_runs_page_reaches_the_run_service(app: RealApp) -> None:
         finally:
             browser.close()
     assert "RUNTIME_INTERNAL" not in body and "not available in this process" not in body, body
+
+
+def test_realapp_export_download_takes_names_not_paths(app: RealApp) -> None:
+    """An export's files are fetched by name: paths, dot ids and symlinks out of its folder are refused."""
+    from backpropagate.export.job import JOB_FILE
+
+    job_dir = app.home / "runs" / "run-dl" / "exports" / "exp-dl"
+    job_dir.mkdir(parents=True)
+    (job_dir / JOB_FILE).write_text(json.dumps({"id": "exp-dl", "run_id": "run-dl", "status": "completed"}))
+    (job_dir / "model.gguf").write_bytes(b"GGUF-bytes")
+    (job_dir / "escape.gguf").symlink_to("/etc/passwd")
+    headers = {"cookie": app.cookie}
+    route = "/api/exports/exp-dl/download"
+    with app.client() as c:
+        r = c.get(route, params={"file": "model.gguf"}, headers=headers)
+        assert r.status_code == 200 and r.content == b"GGUF-bytes"
+        for bad in ("../../../../../../etc/passwd", "/etc/passwd", "..", "escape.gguf", "sub/../model.gguf"):
+            _error(c.get(route, params={"file": bad}, headers=headers), 403, "INPUT_PATH_TRAVERSAL")
+        for bad_id in ("%2E%2E", "..%2F..%2F..", ".hidden"):
+            r = c.get(f"/api/exports/{bad_id}/download", params={"file": "passwd"}, headers=headers)
+            assert r.status_code == 404 and "root:" not in r.text, (bad_id, r.text)
+        # Without a session the file is not served at all.
+        assert c.get(route, params={"file": "model.gguf"}).status_code == 401
