@@ -11,6 +11,7 @@ import ast
 import hashlib
 import itertools
 import json
+import os
 import re
 import stat
 import time
@@ -43,6 +44,9 @@ def app(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
         yield real
     finally:
         assert real.stop() == 0, real.output.read_text(errors="replace")[-2000:]
+    if request.param == "shared":  # the launcher stopped the tunnel it started
+        with pytest.raises(ProcessLookupError):
+            os.kill(int(real.extra["cloudflared_pid"].read_text()), 0)
 
 
 # --------------------------------------------------------------------------------------------
