@@ -77,6 +77,7 @@ def test_header_shows_mode_and_pages_render(ui: Page, ui_server) -> None:  # noq
     expect(
         ui.get_by_text("STATE_RUN_NOT_FOUND", exact=False).or_(ui.get_by_text("No run", exact=False)).first
     ).to_be_visible(timeout=20000)
+    expect(ui.locator("#stop-run")).to_be_disabled()
     # the theme switch flips the page between light and dark
     dark_before = ui.evaluate("document.documentElement.classList.contains('dark')")
     ui.get_by_role("button", name="Toggle light and dark theme").click()

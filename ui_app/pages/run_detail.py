@@ -129,6 +129,8 @@ class RunDetailState(rx.State):
         if row.get("status") and int(row.get("last_seq") or 0) >= view.last_seq:
             summary["status"] = row["status"]
         self.error = row.get("error", "") if not view.last_seq else ""
+        if self.error:
+            summary["status"] = "unknown"  # neither the store nor a log knows this run
         self.name = row.get("name") or (view.config or {}).get("name") or view.run_id
         self.summary = summary
         self.chart = view.chart_points()
