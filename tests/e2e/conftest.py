@@ -111,6 +111,8 @@ def ui_server() -> Iterator[UiServer]:
                 proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
+        # the home holds a front-end build with its node_modules (~150 MB): do not leave it behind
+        shutil.rmtree(home, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
