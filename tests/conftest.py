@@ -33,3 +33,12 @@ def isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     get_settings.cache_clear()
     yield tmp_path / "home"
     get_settings.cache_clear()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Run browser tests last.
+
+    pytest-playwright's sync API keeps an event loop running in the main thread from its first
+    use until the session ends; any later test that calls ``asyncio.run`` would fail.
+    """
+    items.sort(key=lambda item: "playwright" in getattr(item, "fixturenames", ()))

@@ -153,12 +153,13 @@ class Scheduler:
             )
         worker = Worker(run.id, proc.pid, gpus, proc)
         self.workers[run.id] = worker
+        # Watch before marking it running: a stream that sees "running" must also find it live.
+        self.hub.watch(run.id, lambda: worker.alive(run_dir), self._on_end)
         updated = await asyncio.to_thread(
             self.store.update_run, run.id, status="running", pid=proc.pid, gpus=gpus, exit_code=None
         )
         self.hub.publish_status(updated)
         log.info("started run %s (pid %d, gpus %s)", run.id, proc.pid, gpus or "cpu")
-        self.hub.watch(run.id, lambda: worker.alive(run_dir), self._on_end)
 
     async def _on_end(self, run_id: str, run: Run | None, saw_final: bool) -> None:
         """The worker is gone and its log drained: free its slot and settle its status."""
