@@ -6,10 +6,10 @@ from collections.abc import Callable
 
 import reflex as rx
 
+from ui_app.pages.chat import chat_page
 from ui_app.pages.compare import compare_page
 from ui_app.pages.export import export_page
 from ui_app.pages.new_run import new_run_page
-from ui_app.pages.placeholders import chat_page
 from ui_app.pages.run_detail import run_detail_wrapper
 from ui_app.pages.runs import runs_page
 

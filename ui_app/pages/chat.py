@@ -1,0 +1,124 @@
+"""The Chat page: talk to a run's GGUF export, optionally beside a second export answering the same chat."""
+
+from __future__ import annotations
+
+import reflex as rx
+
+from ui_app.components.layout import page
+from ui_app.state.chat import ChatState
+
+
+def _bubble(m: rx.Var) -> rx.Component:
+    mine = m["role"] == "user"
+    return rx.box(
+        rx.text(m["content"], white_space="pre-wrap", size="2"),
+        rx.cond(m["error"], rx.text(m["error"], color_scheme="red", size="1")),
+        class_name=rx.cond(mine, "chat-bubble chat-user", "chat-bubble chat-assistant"),
+        background=rx.cond(mine, "var(--accent-4)", "var(--gray-3)"),
+        align_self=rx.cond(mine, "flex-end", "flex-start"),
+        padding="0.5em 0.75em",
+        border_radius="10px",
+        max_width="90%",
+    )
+
+
+def _column(messages: rx.Var, picked: rx.Var, items: rx.Var, on_change: object, col: str) -> rx.Component:
+    return rx.card(
+        rx.select.root(
+            rx.select.trigger(placeholder="Pick a GGUF export", id=f"chat-model-{col}", width="100%"),
+            rx.select.content(rx.foreach(items, lambda e: rx.select.item(e["label"], value=e["id"]))),
+            value=picked,
+            on_change=on_change,
+        ),
+        rx.vstack(
+            rx.foreach(messages, _bubble),
+            rx.cond(messages.length() == 0, rx.text("No messages yet.", size="2", color_scheme="gray")),
+            id=f"chat-log-{col}",
+            spacing="2",
+            margin_top="0.75em",
+            width="100%",
+            align_items="stretch",
+        ),
+        width="100%",
+    )
+
+
+def chat_page() -> rx.Component:
+    s = ChatState
+    return page(
+        "Chat",
+        rx.cond(
+            s.exports.length() > 0,
+            rx.box(
+                rx.grid(
+                    _column(s.left, s.left_id, s.exports, ChatState.set_left, "left"),
+                    rx.cond(
+                        s.two,
+                        _column(s.right, s.right_id, s.right_choices, ChatState.set_right, "right"),
+                        rx.card(
+                            rx.text("Compare with a second export (for example the base model's):", size="2"),
+                            rx.select.root(
+                                rx.select.trigger(placeholder="No second model", id="chat-model-right"),
+                                rx.select.content(
+                                    rx.foreach(
+                                        s.right_choices, lambda e: rx.select.item(e["label"], value=e["id"])
+                                    )
+                                ),
+                                value=s.right_id,
+                                on_change=ChatState.set_right,
+                            ),
+                            width="100%",
+                        ),
+                    ),
+                    columns=rx.breakpoints(initial="1", md="2"),
+                    gap="3",
+                    width="100%",
+                ),
+                rx.form(
+                    rx.hstack(
+                        rx.text_area(
+                            value=s.draft,
+                            on_change=ChatState.set_draft,
+                            placeholder="Type a message",
+                            id="chat-input",
+                            aria_label="Message",
+                            width="100%",
+                            rows="2",
+                        ),
+                        rx.vstack(
+                            rx.button("Send", type="submit", loading=s.sending, id="chat-send"),
+                            rx.button(
+                                "Clear",
+                                type="button",
+                                variant="soft",
+                                on_click=ChatState.clear,
+                                id="chat-clear",
+                            ),
+                        ),
+                        width="100%",
+                        margin_top="1em",
+                    ),
+                    on_submit=lambda _: ChatState.send,
+                    reset_on_submit=False,
+                ),
+                width="100%",
+            ),
+            rx.cond(
+                s.loaded,
+                rx.callout(
+                    rx.text(
+                        "No GGUF export yet: chatting needs a run exported to GGUF. ",
+                        rx.link("Export a finished run", href="/export", id="chat-export-link"),
+                        " with format gguf, then come back.",
+                    ),
+                    icon="info",
+                    id="chat-no-exports",
+                ),
+                rx.text("Loading exports…", size="2"),
+            ),
+        ),
+        rx.cond(
+            s.error != "", rx.callout(s.error, color_scheme="red", icon="triangle_alert", id="chat-error")
+        ),
+        on_mount=ChatState.load,
+    )
