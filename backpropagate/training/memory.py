@@ -181,37 +181,29 @@ def auto_batch(
     Falls back to micro-batch 1 with checkpointing when nothing fits (OOM recovery has the last word).
     """
     budget = available_gib * headroom
+
+    def estimate(micro_batch: int, checkpointing: bool) -> MemoryEstimate:
+        return estimate_memory(
+            shape,
+            method=method,
+            seq_len=seq_len,
+            micro_batch=micro_batch,
+            gradient_checkpointing=checkpointing,
+            lora_r=lora_r,
+            dtype_bytes=dtype_bytes,
+            optimizer=optimizer,
+            fused_loss=fused_loss,
+        )
+
     best: tuple[float, MemoryEstimate] | None = None
     for ckpt in (False, True):
         mb = 1
         while mb <= max_micro_batch:
-            est = estimate_memory(
-                shape,
-                method=method,
-                seq_len=seq_len,
-                micro_batch=mb,
-                gradient_checkpointing=ckpt,
-                lora_r=lora_r,
-                dtype_bytes=dtype_bytes,
-                optimizer=optimizer,
-                fused_loss=fused_loss,
-            )
+            est = estimate(mb, ckpt)
             if not est.fits(budget):
                 break
             score = relative_throughput(mb, seq_len, ckpt)
             if best is None or score > best[0] + 1e-9:
                 best = (score, est)
             mb *= 2
-    if best is not None:
-        return best[1]
-    return estimate_memory(
-        shape,
-        method=method,
-        seq_len=seq_len,
-        micro_batch=1,
-        gradient_checkpointing=True,
-        lora_r=lora_r,
-        dtype_bytes=dtype_bytes,
-        optimizer=optimizer,
-        fused_loss=fused_loss,
-    )
+    return best[1] if best is not None else estimate(1, True)
