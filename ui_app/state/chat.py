@@ -84,6 +84,7 @@ class Reply:
         self.messages = messages
         self.pieces: list[str] = []
         self.error = ""
+        self.note = ""
         self.done = threading.Event()
 
     @property
@@ -101,8 +102,16 @@ class Reply:
             self.error = f"[{exc.code}] {exc.message}"
         except Exception as exc:  # noqa: BLE001 - shown in the bubble instead of a silent stop
             self.error = f"The reply stopped: {exc}"
+        else:
+            if not self.pieces:  # tiny or barely trained models often stop at once; say so, not a blank
+                self.note = "The model ended its reply without any text."
         finally:
             self.done.set()
+
+
+def _run_all(replies: list[Reply]) -> None:
+    for r in replies:
+        r.run()
 
 
 class ChatState(rx.State):
@@ -178,14 +187,19 @@ class ChatState(rx.State):
                 msgs = [*getattr(self, name), {"role": "user", "content": text}]
                 replies.append((name, Reply(export_id, history(msgs))))
                 setattr(self, name, [*msgs, {"role": "assistant", "content": ""}])
-        workers = [asyncio.create_task(asyncio.to_thread(r.run)) for _, r in replies]
+        # llama.cpp's server drops a streaming reply when another request arrives, so one export
+        # picked in both columns answers one column after the other; two exports answer at once.
+        by_export: dict[str, list[Reply]] = {}
+        for _, r in replies:
+            by_export.setdefault(r.export_id, []).append(r)
+        workers = [asyncio.create_task(asyncio.to_thread(_run_all, rs)) for rs in by_export.values()]
         while True:
             finished = all(r.done.is_set() for _, r in replies)
             async with self:
                 for name, r in replies:
                     msgs = list(getattr(self, name))
                     content = r.text or ("…" if not r.done.is_set() else "")
-                    msgs[-1] = {"role": "assistant", "content": content, "error": r.error}
+                    msgs[-1] = {"role": "assistant", "content": content, "error": r.error or r.note}
                     setattr(self, name, msgs)
             if finished:
                 break
