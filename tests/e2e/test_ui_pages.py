@@ -68,7 +68,8 @@ def test_header_shows_mode_and_pages_render(ui: Page, ui_server) -> None:  # noq
     expect(ui.locator("#no-runs")).to_be_visible()
     shot(ui, "runs-empty")
     ui.goto(ui_server.base + "/chat")
-    expect(ui.locator("#chat-missing")).to_contain_text("not available yet")
+    # with no GGUF export yet the page points to Export; once one exists it offers the chat form
+    expect(ui.locator("#chat-no-exports").or_(ui.locator("#chat-input")).first).to_be_visible(timeout=20000)
     shot(ui, "chat")
     ui.goto(ui_server.base + "/export")
     expect(ui.locator("#export-no-runs")).to_be_visible()
