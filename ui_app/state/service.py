@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -163,42 +164,13 @@ async def log_tail(run_id: str, lines: int = 40) -> str:
 
 async def save_upload(filename: str, data: bytes) -> dict[str, Any]:
     """Store an uploaded data set under a generated name and record it; returns its record."""
-    import secrets
-    import time
+    from backpropagate.runs.uploads import store_upload
 
-    from backpropagate.runs.store import DatasetRow
+    async def chunks() -> AsyncIterator[bytes]:
+        yield data
 
     svc = run_service()
-    settings = svc.settings
-    suffix = Path(filename).suffix.lower()
-    allowed = (".jsonl", ".json", ".csv", ".parquet", ".txt")
-    if suffix not in allowed:
-        raise BackpropError(
-            ErrorCode.INPUT_UPLOAD_TYPE,
-            f"{filename}: files of type {suffix or '(none)'} are not accepted; use {', '.join(allowed)}.",
-        )
-    limit = settings.server.max_upload_mb * 1024 * 1024
-    if len(data) > limit:
-        raise BackpropError(
-            ErrorCode.INPUT_UPLOAD_TOO_LARGE,
-            f"{filename} is {len(data) / 2**20:.1f} MB; the limit is {settings.server.max_upload_mb} MB.",
-        )
-    dataset_id = "ds-" + time.strftime("%Y%m%d") + "-" + secrets.token_hex(4)
-    path = settings.datasets_dir / f"{dataset_id}{suffix}"
-
-    def write() -> Any:
-        settings.datasets_dir.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
-        row = DatasetRow(
-            id=dataset_id,
-            original_name=Path(filename).name[:200],
-            stored_path=str(path),
-            size=len(data),
-            format="auto",
-        )
-        return svc.store.add_dataset(row)
-
-    return _as_dict(await asyncio.to_thread(write))
+    return _as_dict(await store_upload(svc.store, svc.settings, filename, chunks()))
 
 
 async def list_datasets() -> list[dict[str, Any]]:

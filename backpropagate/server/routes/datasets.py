@@ -6,8 +6,8 @@ import asyncio
 import csv
 import json
 import re
-import secrets
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -15,13 +15,12 @@ from fastapi import APIRouter, Query, Request, UploadFile
 from pydantic import BaseModel
 
 from backpropagate.errors import BackpropError, ErrorCode
-from backpropagate.runs.store import DatasetRow
+from backpropagate.runs.uploads import store_upload, too_large, upload_limit, upload_suffix
 from backpropagate.server.routes.deps import ServiceDep, SettingsDep
 from backpropagate.server.routes.inputs import resolve_model
 
 router = APIRouter(tags=["datasets"])
 
-ALLOWED_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
 CHUNK = 1 << 20
 
 
@@ -37,32 +36,6 @@ class DatasetPublic(BaseModel):
 class PreviewPublic(BaseModel):
     id: str
     rows: list[Any]
-
-
-def _suffix(filename: str) -> str:
-    name = filename.lower()
-    return next((s for s in ALLOWED_SUFFIXES if name.endswith(s)), "")
-
-
-def count_rows(path: Path, fmt: str) -> int | None:
-    """Rows in a stored upload (None when the file cannot be read as its type)."""
-    try:
-        if fmt in ("jsonl", "txt"):
-            with path.open("rb") as fh:
-                return sum(1 for line in fh if line.strip())
-        if fmt == "csv":
-            with path.open(newline="", errors="replace") as fh:
-                return max(sum(1 for _ in csv.reader(fh)) - 1, 0)
-        if fmt == "json":
-            data = json.loads(path.read_text())
-            return len(data) if isinstance(data, list) else 1
-        if fmt == "parquet":
-            import pyarrow.parquet as pq
-
-            return pq.ParquetFile(path).metadata.num_rows
-    except Exception:
-        return None
-    return None
 
 
 def preview_rows(path: Path, fmt: str, n: int) -> list[Any]:
@@ -100,41 +73,16 @@ async def upload_dataset(
 ) -> DatasetPublic:
     """Store an uploaded file under a generated name; refuse other types and files over the limit."""
     original = Path(file.filename or "upload").name
-    suffix = _suffix(original)
-    if not suffix:
-        raise BackpropError(
-            ErrorCode.INPUT_UPLOAD_TYPE, f"{original!r} is not a .jsonl, .json, .csv, .parquet or .txt file."
-        )
-    limit = settings.server.max_upload_mb * 1024 * 1024
+    upload_suffix(original)  # refuse a wrong type before reading the body
     declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit + 64 * 1024:
-        raise BackpropError(
-            ErrorCode.INPUT_UPLOAD_TOO_LARGE,
-            f"{original!r} is {int(declared) / 2**20:.1f} MB; the limit is {settings.server.max_upload_mb} MB.",
-        )
-    dataset_id = "ds-" + secrets.token_hex(6)
-    settings.datasets_dir.mkdir(parents=True, exist_ok=True)
-    target = settings.datasets_dir / f"{dataset_id}{suffix}"
-    size = 0
-    try:
-        with target.open("wb") as out:
-            while chunk := await file.read(CHUNK):
-                size += len(chunk)
-                if size > limit:
-                    raise BackpropError(
-                        ErrorCode.INPUT_UPLOAD_TOO_LARGE,
-                        f"{original!r} is over the limit of {settings.server.max_upload_mb} MB.",
-                    )
-                await asyncio.to_thread(out.write, chunk)
-    except BaseException:
-        target.unlink(missing_ok=True)
-        raise
-    fmt = suffix.lstrip(".")
-    rows = await asyncio.to_thread(count_rows, target, fmt)
-    row = DatasetRow(
-        id=dataset_id, original_name=original, stored_path=str(target), size=size, format=fmt, rows=rows
-    )
-    await asyncio.to_thread(service.store.add_dataset, row)
+    if declared and declared.isdigit() and int(declared) > upload_limit(settings) + 64 * 1024:
+        raise too_large(original, settings, int(declared))
+
+    async def chunks() -> AsyncIterator[bytes]:
+        while chunk := await file.read(CHUNK):
+            yield chunk
+
+    row = await store_upload(service.store, settings, original, chunks())
     return DatasetPublic.model_validate(row.model_dump())
 
 
