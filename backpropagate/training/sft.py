@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from backpropagate.config import RunConfig
 from backpropagate.errors import BackpropError, ErrorCode
@@ -294,9 +294,16 @@ def fit(run: Run) -> TrainResult:
 
     if run.eval and (not state.eval_history or state.eval_history[-1]["step"] != state.step):
         _evaluate(run, state.step)
+    return _result(run, "completed")
+
+
+def _result(
+    run: Run, status: Literal["completed", "cancelled"], checkpoint: Path | None = None
+) -> TrainResult:
+    state = run.state
     last_eval = state.eval_history[-1] if state.eval_history else {}
     return TrainResult(
-        status="completed",
+        status=status,
         run_id=run.run_id,
         run_dir=run.run_dir,
         step=state.step,
@@ -304,6 +311,7 @@ def fit(run: Run) -> TrainResult:
         final_loss=state.history[-1]["loss"] if state.history else None,
         eval_loss=last_eval.get("loss"),
         perplexity=last_eval.get("perplexity"),
+        checkpoint=checkpoint,
         resumed_from_step=run.resumed_from_step,
         history=list(state.history),
         eval_history=list(state.eval_history),
@@ -465,20 +473,7 @@ def _stop(run: Run) -> TrainResult:
     saved = _checkpoint(run) if run.state.step > 0 else None
     path = saved.path if saved else None
     run.emit(Cancelled(step=run.state.step, checkpoint=str(path) if path else None))
-    state = run.state
-    return TrainResult(
-        status="cancelled",
-        run_id=run.run_id,
-        run_dir=run.run_dir,
-        step=state.step,
-        total_steps=run.total_steps,
-        final_loss=state.history[-1]["loss"] if state.history else None,
-        eval_loss=state.last_eval_loss,
-        checkpoint=path,
-        resumed_from_step=run.resumed_from_step,
-        history=list(state.history),
-        eval_history=list(state.eval_history),
-    )
+    return _result(run, "cancelled", path)
 
 
 # 3. Save: the adapter (or full model), tokenizer and metrics ---------------------------------------
