@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 from test_api_server import REPO_EXAMPLES, Server, _free_port, _kill_workers
+from test_export_ollama import FakeOllama
 
 pytestmark = pytest.mark.slow
 pytest.importorskip("llama_cpp")
@@ -212,6 +213,70 @@ def test_a_failed_ollama_registration_keeps_the_gguf_and_reports_the_error(api: 
     )
     bad = api.post(f"/api/runs/{run_id}/exports", json={"format": "adapter", "ollama_name": "m"})
     _error(bad, 422, "CONFIG_INVALID_SETTING")
+
+
+def test_the_base_model_export_is_made_once_per_quantization(api: Server, run_id: str) -> None:
+    job = _export(api, run_id, format="gguf", quantization="f16", verify=True, base_model=True)
+    assert job["id"].startswith("gguf-f16-base-") and job["base_model"] is True
+    again = _export(api, run_id, format="gguf", quantization="f16", verify=True, base_model=True)
+    assert again["id"] == job["id"]  # a running base export is followed, not started twice
+    state, stages = _wait(api, job["id"])
+    assert state["status"] == "completed", state
+    assert "merge" not in stages  # the base is read as it is: no adapter merge
+    gguf = Path(state["path"])
+    assert gguf.name == f"{run_id}-base-f16.gguf"
+    report = state["verification"]  # checked against the base model, which it must match closely
+    assert report is not None and report["passed"] is True and report["mean_kl"] < 1e-3, report
+    resp = api.get(f"/api/exports/{job['id']}/download", params={"file": gguf.name})
+    assert resp.status_code == 200 and resp.content[:4] == b"GGUF"
+
+    cached = _export_cached(api, run_id, format="gguf", quantization="f16", base_model=True)
+    assert cached["id"] == job["id"] and cached["status"] == "completed" and cached["progress"] == 1.0
+    trained = next(
+        j
+        for j in api.get("/api/exports", params={"run_id": run_id}).json()
+        if j["status"] == "completed" and j["quantization"] == "f16" and not j["base_model"]
+    )
+    assert Path(trained["path"]).read_bytes() != gguf.read_bytes()  # the adapter is left out
+    assert any(r["format"] == "gguf-f16-base" for r in api.get(f"/api/runs/{run_id}/exports").json())
+
+    other = _export(api, run_id, format="gguf", quantization="q8_0", verify=False, base_model=True)
+    assert other["id"] != job["id"] and other["id"].startswith("gguf-q8_0-base-")
+    assert api.delete(f"/api/exports/{other['id']}").status_code == 204
+    bad = api.post(f"/api/runs/{run_id}/exports", json={"format": "merged", "base_model": True})
+    assert "gguf" in _error(bad, 422, "CONFIG_INVALID_SETTING")["message"]
+
+
+def _export_cached(api: Server, run_id: str, **body) -> dict:
+    resp = api.post(f"/api/runs/{run_id}/exports", json=body)
+    assert resp.status_code == 202, resp.text
+    return resp.json()
+
+
+def test_ollama_registration_through_a_job_reaches_the_daemon(
+    api: Server, run_id: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from backpropagate.runs.exports import ExportJobs
+    from backpropagate.runs.store import Run
+    from backpropagate.settings import Settings
+
+    ollama = FakeOllama()  # records what a real daemon would be sent
+    monkeypatch.setenv("OLLAMA_HOST", ollama.url)  # the job process inherits it
+    jobs = ExportJobs(Settings(home=api.home))
+    try:
+        state = jobs.start(Run(id=run_id, status="completed"), "gguf", "f16", False, "tiny-demo")
+        deadline = time.monotonic() + 300
+        while state["status"] == "running" and time.monotonic() < deadline:
+            time.sleep(0.5)
+            state = jobs.status(state["id"])
+    finally:
+        ollama.close()
+    assert state["status"] == "completed", state
+    assert state["ollama_name"] == "tiny-demo" and state["error"] is None
+    created = ollama.models["tiny-demo"]
+    digest = next(iter(created["files"].values()))
+    assert ollama.blobs[digest] == Path(state["path"]).read_bytes()  # the GGUF itself was uploaded
+    assert [r["path"] for r in ollama.requests][-1] == "/api/create"
 
 
 def test_an_export_process_that_dies_is_reported_failed(api: Server, run_id: str, home: Path) -> None:

@@ -58,6 +58,7 @@ def run_job(job_dir: Path) -> int:
             verify=job.get("verify", True),
             progress=progress,
             ollama_name=job.get("ollama_name"),
+            base_model=job.get("base_model", False),
         )
     except BackpropError as err:
         append_line(progress_path, {"type": "failed", **_error_record(err)})
@@ -67,8 +68,8 @@ def run_job(job_dir: Path) -> int:
         err = BackpropError(ErrorCode.RUNTIME_INTERNAL, f"export failed: {type(exc).__name__}: {exc}")
         append_line(progress_path, {"type": "failed", **_error_record(err)})
         return 1
-    _record(job, result.format if result.quantization is None else f"{result.format}-{result.quantization}",
-            Path(result.path))  # fmt: skip
+    label = result.format if result.quantization is None else f"{result.format}-{result.quantization}"
+    _record(job, label + ("-base" if result.base_model else ""), Path(result.path))
     append_line(progress_path, {"type": "completed", "result": result.to_dict()})
     return 0
 

@@ -29,7 +29,7 @@ from backpropagate.export.quantize import (
     require_llama_cpp,
     width_fallbacks,
 )
-from backpropagate.export.source import ExportSource, resolve_source
+from backpropagate.export.source import ExportSource, base_model_source, resolve_source
 from backpropagate.logs import get_logger
 
 log = get_logger(__name__)
@@ -51,6 +51,7 @@ class ExportResult:
     verification: dict[str, Any] | None = None
     warnings: list[str] = field(default_factory=list)
     ollama_model: str | None = None
+    base_model: bool = False  # the run's base model alone, without the adapter
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -105,12 +106,24 @@ def export_run(
     verify: bool = True,
     progress: StageProgress | None = None,
     ollama_name: str | None = None,
+    base_model: bool = False,
 ) -> ExportResult:
-    """Export a run id, run folder, adapter folder or model folder; returns an ExportResult."""
+    """Export a run id, run folder, adapter folder or model folder; returns an ExportResult.
+
+    ``base_model=True`` exports the model the run started from, without the adapter (GGUF only):
+    the same quantization and verification, to chat with next to the trained model.
+    """
     started = time.monotonic()
     q = _validate(format, quantization)
+    if base_model and format != "gguf":
+        raise BackpropError(
+            ErrorCode.CONFIG_INVALID_SETTING,
+            f"the base model is exported as gguf, to chat with next to the run; got format {format!r}",
+        )
     src = resolve_source(source)
-    label = format if format == "adapter" else f"{format}-{q}"
+    if base_model:
+        src = base_model_source(src)
+    label = format if format == "adapter" else f"{format}-{q}" + ("-base" if base_model else "")
     out_dir = Path(output) if output else src.default_output_root / label
     out_dir.mkdir(parents=True, exist_ok=True)
     report = progress or (lambda *_: None)
@@ -145,6 +158,7 @@ def export_run(
             )
             result.ollama_model = ollama_name
             report("ollama", 1, 1)
+    result.base_model = base_model
     result.seconds = round(time.monotonic() - started, 2)
     result.files = sorted(p.name for p in out_dir.iterdir() if not p.name.startswith("."))
     (out_dir / "result.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")

@@ -19,9 +19,12 @@ class ExportSource:
     adapter_dir: Path | None  # PEFT adapter folder, None for a full model
     run_dir: Path | None  # the run folder when the source is a run
     run_config: dict[str, Any] | None
+    label: str | None = None  # overrides the name derived from the folders (the base model's export)
 
     @property
     def name(self) -> str:
+        if self.label:
+            return self.label
         if self.run_dir is not None:
             return self.run_dir.name
         if self.adapter_dir is not None:
@@ -70,6 +73,31 @@ def resolve_source(source: str | Path) -> ExportSource:
     raise BackpropError(
         ErrorCode.STATE_RUN_NOT_FOUND,
         f"{text!r} is neither a run id under {get_settings().runs_dir} nor a run, adapter or model folder",
+    )
+
+
+def base_model_source(src: ExportSource) -> ExportSource:
+    """The model a run started from, without its adapter: the baseline to compare its export with.
+
+    Output goes next to the run's own exports, named ``<run>-base`` so the two are never confused.
+    """
+    base = src.base_model
+    if src.adapter_dir is None:
+        # Full fine-tuning: base_model is the trained model itself; the run's config names the start.
+        model = (src.run_config or {}).get("model")
+        if not model:
+            raise BackpropError(
+                ErrorCode.CONFIG_INVALID_SETTING,
+                f"{src.name} is a full model with no separate base model to export",
+                hint="Export the base model's own folder instead, or pick a run trained with LoRA.",
+            )
+        base = _resolve_base(str(model))
+    return ExportSource(
+        base_model=base,
+        adapter_dir=None,
+        run_dir=src.run_dir,
+        run_config=src.run_config,
+        label=f"{src.name}-base",
     )
 
 

@@ -3,7 +3,8 @@
 A job lives in ``runs/<run_id>/exports/<export_id>/``: ``.job.json`` (the request), ``.progress.jsonl``
 (JSON lines the job appends) and ``.job.log``; everything else in the folder is the export's output.
 The state of a job is read back from those files, so it survives a server restart. GGUF exports can
-be served by ``llama_cpp.server`` on a loopback port, one server per export.
+be served by ``llama_cpp.server`` on a loopback port, one server per export. A run's base model (no
+adapter) is exported the same way, once per quantization, to chat with next to the trained model.
 """
 
 from __future__ import annotations
@@ -136,6 +137,7 @@ class ExportJobs:
         self.servers: dict[str, ModelServer] = {}
         self._lock = threading.Lock()
         self._serve_lock = threading.Lock()  # two requests must not start two servers
+        self._start_lock = threading.Lock()  # two requests must not start two base exports
 
     # Jobs ---------------------------------------------------------------------
     def start(
@@ -145,8 +147,13 @@ class ExportJobs:
         quantization: str | None,
         verify: bool = True,
         ollama_name: str | None = None,
+        base_model: bool = False,
     ) -> dict[str, Any]:
-        """Check the run can be exported, write the job folder and start its process."""
+        """Check the run can be exported, write the job folder and start its process.
+
+        With ``base_model`` the model the run started from is exported instead (GGUF only); a
+        running or completed base export of the same run and quantization is returned, not redone.
+        """
         run_dir = self.runs_dir / run.id
         if run.status not in EXPORTABLE_STATUSES:
             if run.status in ("queued", "running", "paused"):
@@ -169,7 +176,45 @@ class ExportJobs:
             raise BackpropError(
                 ErrorCode.CONFIG_INVALID_SETTING, "ollama_name needs a gguf export; got format " + repr(fmt)
             )
-        label = fmt if q is None else f"{fmt}-{q}"
+        if base_model:
+            if fmt != "gguf":
+                raise BackpropError(
+                    ErrorCode.CONFIG_INVALID_SETTING,
+                    "base_model exports are gguf (to chat with next to the run); got format " + repr(fmt),
+                )
+            # The base never changes, so one export per quantization serves every later request.
+            with self._start_lock:
+                reuse = self._reusable_base(run.id, q, verify, ollama_name)
+                if reuse is not None:
+                    return reuse
+                return self._launch(run, source, fmt, q, verify, ollama_name, base_model)
+        return self._launch(run, source, fmt, q, verify, ollama_name, base_model)
+
+    def _reusable_base(
+        self, run_id: str, q: str | None, verify: bool, ollama_name: str | None
+    ) -> dict[str, Any] | None:
+        for state in reversed(self.list_for_run(run_id)):  # newest first
+            if not state["base_model"] or state["quantization"] != q or state["status"] == "failed":
+                continue
+            if ollama_name and state["ollama_name"] != ollama_name:
+                continue  # registration asked for under a new name: do it
+            if verify and not state["verify"]:
+                continue  # a verified one was asked for
+            return state
+        return None
+
+    def _launch(
+        self,
+        run: Run,
+        source: Path,
+        fmt: str,
+        q: str | None,
+        verify: bool,
+        ollama_name: str | None,
+        base_model: bool,
+    ) -> dict[str, Any]:
+        run_dir = self.runs_dir / run.id
+        label = (fmt if q is None else f"{fmt}-{q}") + ("-base" if base_model else "")
         export_id = f"{label}-{secrets.token_hex(4)}"
         job_dir = run_dir / "exports" / export_id
         job_dir.mkdir(parents=True)
@@ -181,6 +226,7 @@ class ExportJobs:
             "quantization": q,
             "verify": verify,
             "ollama_name": ollama_name,
+            "base_model": base_model,
             "created_at": time.time(),
             "database_url": self.settings.database_url,
         }
@@ -248,6 +294,7 @@ class ExportJobs:
             "quantization": job.get("quantization"),
             "verify": job.get("verify", True),
             "ollama_name": job.get("ollama_name"),
+            "base_model": bool(job.get("base_model")),
             "created_at": job["created_at"],
             "ended_at": None,
             "status": "running",

@@ -44,6 +44,11 @@ class ExportRequest(BaseModel):
     )
     verify: bool = Field(True, description="Compare the GGUF's outputs with the trained model.")
     ollama_name: str | None = Field(None, description="Also register the GGUF with Ollama under this name.")
+    base_model: bool = Field(
+        False,
+        description="Export the model the run started from, without the adapter (gguf only), to chat with "
+        "next to the run's export. Made once per quantization: a later request gets the same export.",
+    )
 
 
 class ExportFile(BaseModel):
@@ -65,6 +70,7 @@ class ExportStatus(BaseModel):
     quantization: str | None
     verify: bool
     ollama_name: str | None
+    base_model: bool = Field(False, description="The run's base model, without the adapter.")
     status: Literal["running", "completed", "failed"]
     stage: str | None = Field(description="merge, convert, quantize, verify or ollama while running.")
     progress: float = Field(description="Fraction done, 0 to 1.")
@@ -104,7 +110,7 @@ async def start_export(
     run = await service.get(run_id)
     jobs = get_jobs(request)
     state = await asyncio.to_thread(
-        jobs.start, run, body.format, body.quantization, body.verify, body.ollama_name
+        jobs.start, run, body.format, body.quantization, body.verify, body.ollama_name, body.base_model
     )
     return ExportStatus.model_validate(state)
 
