@@ -14,7 +14,7 @@ Qwen2.5-7B (micro-batch 2), seq 2048, LoRA r16 on all linear layers, bf16, no ch
 MFU counts 4·N (forward + input gradients of the frozen base) + 6·N_lora + causal attention
 6·L·h·seq FLOPs per token against the card's dense bf16 peak.
 
-    python bench/train_throughput.py [--models 0.5b,7b] [--rows a,b,c,d,e] [--steps 20]
+    python bench/train_throughput.py [--models 0.5b,7b] [--rows a,b,c,d,e] [--steps 30] [--warmup 20]
 Writes bench/results/train_throughput.json and bench/RESULTS.md (or --out DIR).
 """
 
@@ -25,6 +25,7 @@ import datetime as dt
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -158,9 +159,23 @@ def plain_loop(row: str, model_dir: Path, micro_batch: int, steps: int, warmup: 
             times.append(time.perf_counter() - t0)
     return {
         "tokens_per_s": micro_batch * SEQ * len(times) / sum(times),
+        **steady_rate(times, micro_batch * SEQ),
         "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
         "micro_batch": micro_batch,
         "grad_ckpt": False,
+    }
+
+
+def steady_rate(step_seconds: list[float], tokens_per_step: int) -> dict:
+    """The median step's rate, and how many timed steps took over 1.5x the median.
+
+    A slow step inside the timed window is almost always a kernel compiled on first use of a new
+    shape or value (Triton, torch.compile): a one-off that a long run never sees again.
+    """
+    median = statistics.median(step_seconds)
+    return {
+        "median_tokens_per_s": tokens_per_step / median,
+        "slow_steps": sum(1 for t in step_seconds if t > 1.5 * median),
     }
 
 
@@ -205,14 +220,16 @@ def engine_config(
     }
 
 
-def throughput_from_events(events: list[dict], warmup: int) -> tuple[float, int, int]:
+def throughput_from_events(events: list[dict], warmup: int) -> tuple[float, int, int, dict]:
+    """Tokens/s between the step events after ``warmup`` (rows are packed full to SEQ tokens)."""
     steps = [e for e in events if e["type"] == "step"]
     if len(steps) <= warmup + 1:
         raise RuntimeError(f"only {len(steps)} step events")
     timed = steps[warmup:]
     mb, ga = timed[-1].get("micro_batch") or 1, timed[-1].get("grad_accum") or 1
     tokens = (len(timed) - 1) * mb * ga * SEQ
-    return tokens / (timed[-1]["ts"] - timed[0]["ts"]), mb, ga
+    gaps = [b["ts"] - a["ts"] for a, b in zip(timed, timed[1:], strict=False)]
+    return tokens / (timed[-1]["ts"] - timed[0]["ts"]), mb, ga, steady_rate(gaps, mb * ga * SEQ)
 
 
 def engine_row(
@@ -228,10 +245,11 @@ def engine_row(
     run_dir = Path(tempfile.mkdtemp(prefix=f"bench-{row}-"))
     torch.cuda.reset_peak_memory_stats()
     run_training(config, run_dir, lambda e: events.append({**e.model_dump(), "ts": time.time()}))
-    tps, mb, _ = throughput_from_events(events, warmup)
+    tps, mb, _, steady = throughput_from_events(events, warmup)
     started = next((e for e in events if e["type"] == "run_started"), {})
     return {
         "tokens_per_s": tps,
+        **steady,
         "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
         "micro_batch": mb,
         "grad_ckpt": ckpt if row != "auto" else None,
@@ -250,10 +268,11 @@ def worker_row(model_dir: Path, data: Path, micro_batch: int, steps: int, warmup
     events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
     if proc.returncode != 0:
         raise RuntimeError(f"worker exited {proc.returncode}: {events[-1] if events else 'no events'}")
-    tps, mb, _ = throughput_from_events(events, warmup)
+    tps, mb, _, steady = throughput_from_events(events, warmup)
     gpu = [d for e in events if e["type"] == "gpu" for d in e["devices"]]
     return {
         "tokens_per_s": tps,
+        **steady,
         # NVML's view: what the process holds, context and allocator cache included
         "peak_gib": max((d["memory_used_mb"] or 0) for d in gpu) / 1024 if gpu else None,
         "micro_batch": mb,
@@ -277,6 +296,13 @@ def run_one(args: argparse.Namespace) -> None:
 
 
 # ---------------------------------------------------------------------------- driver
+def recompile_reasons(stderr: str, limit: int = 5) -> list[str]:
+    """torch.compile's "Recompiling ..." log lines with the guard failure that follows each."""
+    lines = stderr.splitlines()
+    found = [i for i, line in enumerate(lines) if "Recompiling" in line][:limit]
+    return [" / ".join(line.strip() for line in lines[i : i + 3])[-400:] for i in found]
+
+
 def environment() -> dict:
     import torch
 
@@ -330,14 +356,17 @@ def render(rows: list[dict], env: dict) -> str:
         + ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v),
         "",
         f"Random-init models with real dimensions, seq {SEQ}, LoRA r{LORA_R} all-linear, bf16. "
-        "Ratios are to row a of the same shape, measured in the same run.",
+        "Ratios are to row a of the same shape, measured in the same run. tokens/s is the mean over "
+        "the timed steps; median step is the rate of the median step; slow steps took over 1.5x "
+        "the median (kernels compiled on first use of a shape or value).",
         "",
-        "| row | model | micro-batch | grad ckpt | tokens/s | peak GiB | estimate GiB | MFU | ratio to a |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| row | model | micro-batch | grad ckpt | tokens/s | median step | slow steps | peak GiB "
+        "| estimate GiB | MFU | ratio to a |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['name']} | {r['model']} | | | failed: {r['error'][:120]} | | | | |")
+            lines.append(f"| {r['name']} | {r['model']} | | | failed: {r['error'][:120]} | | | | | | |")
             continue
         peak = f"{r['peak_gib']:.1f}" if r.get("peak_gib") else "?"
         mfu = f"{r['mfu'] * 100:.1f}%" if r.get("mfu") else "?"
@@ -345,9 +374,10 @@ def render(rows: list[dict], env: dict) -> str:
         est = ""
         if r.get("est_gib") and r.get("peak_gib"):
             est = f"{r['est_gib']:.1f} ({(r['est_gib'] / r['peak_gib'] - 1) * 100:+.0f}%)"
+        median = f"{r['median_tokens_per_s']:,.0f}" if r.get("median_tokens_per_s") else "?"
         lines.append(
             f"| {r['name']} | {r['model']} | {r['micro_batch']} | {r['grad_ckpt']} | "
-            f"{r['tokens_per_s']:,.0f} | {peak} | {est} | {mfu} | {ratio} |"
+            f"{r['tokens_per_s']:,.0f} | {median} | {r.get('slow_steps', '?')} | {peak} | {est} | {mfu} | {ratio} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -356,8 +386,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="0.5b,7b")
     p.add_argument("--rows", default="a,b,c,d,e")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--work", default="/tmp/bench-models")
     p.add_argument("--out", default=str(REPO / "bench"))
     p.add_argument("--merge", help="earlier results JSON whose other shapes join this table")
@@ -384,7 +414,14 @@ def main() -> None:
                    "--model-dir", str(model_dir), "--data", str(data),
                    "--steps", str(args.steps), "--warmup", str(args.warmup)]  # fmt: skip
             t0 = time.time()
-            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tempfile.gettempdir())
+            # Every row compiles its kernels from scratch, as on a fresh machine (otherwise a row
+            # would reuse what an earlier row compiled), and logs why torch.compile recompiled.
+            env = {
+                **os.environ,
+                "TRITON_CACHE_DIR": tempfile.mkdtemp(prefix="triton-"),
+                "TORCH_LOGS": "recompiles",
+            }
+            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tempfile.gettempdir(), env=env)
             found = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
             entry = {
                 "name": row_name(row),
@@ -397,6 +434,7 @@ def main() -> None:
                 sys.stderr.write(proc.stderr[-4000:])
             else:
                 entry.update(json.loads(found[-1][7:]))
+                entry["recompiles"] = recompile_reasons(proc.stderr)
                 peak = peak_tflops(env["card"])
                 entry["mfu"] = (
                     entry["tokens_per_s"] * flops_per_token(SHAPES[shape]["config"]) / (peak * 1e12)

@@ -139,3 +139,33 @@ def test_without_the_mask_packed_examples_do_contaminate_each_other():
         cached = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits[0, 6:]
     assert not torch.allclose(leaky, alone, atol=1e-3)
     assert not torch.allclose(cached, alone, atol=1e-3)
+
+
+def test_segments_become_the_same_mask_after_the_move():
+    from backpropagate.data.packing import segments_to_mask
+    from backpropagate.training.evaluation import to_device
+
+    packed = pack(make_examples([5, 9, 3, 12, 7, 16, 2, 1], seed=3), 20)
+    direct = collate(packed, pad_id=0, dtype=torch.bfloat16)
+    deferred = collate(packed, pad_id=0, attention="segments")
+    assert "attention_mask" not in deferred and deferred["segment_ids"].shape == direct["input_ids"].shape
+    moved = to_device(deferred, "cpu", torch.bfloat16)
+    assert "segment_ids" not in moved
+    assert torch.equal(moved["attention_mask"], direct["attention_mask"])
+    assert torch.equal(moved["position_ids"], direct["position_ids"])
+    # A batch without segment ids passes through unchanged.
+    assert segments_to_mask({"input_ids": direct["input_ids"]}, torch.float32).keys() == {"input_ids"}
+
+
+def test_pad_to_multiple_rounds_the_width_up_and_keeps_padding_apart():
+    packed = pack(make_examples([5, 9, 3], seed=1), 20)
+    out = collate(packed, pad_id=0, pad_to_multiple=16, dtype=torch.float32)
+    assert out["input_ids"].shape[1] == 32
+    assert (out["labels"][:, 20:] == IGNORE).all()
+    allowed = out["attention_mask"][0, 0] == 0
+    real = len(packed[0]["input_ids"])
+    # No real token attends to padding, and padding positions restart at 0.
+    assert not allowed[:real, real:].any()
+    assert out["position_ids"][0, real].item() == 0
+    unpacked = collate(make_examples([3, 5]), pad_id=0, pad_to_multiple=8)
+    assert unpacked["attention_mask"].tolist() == [[1] * 3 + [0] * 5, [1] * 5 + [0] * 3]

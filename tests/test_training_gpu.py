@@ -132,7 +132,7 @@ def test_full_fine_tuning_keeps_fp32_master_weights(data, tmp_path):
         assert fh.get_tensor(name).dtype == torch.float32
 
 
-@pytest.mark.parametrize("attention", ["4d", "position_ids"])
+@pytest.mark.parametrize("attention", ["4d", "segments", "position_ids"])
 def test_packed_examples_stay_apart_on_gpu(data, attention):
     from transformers import AutoModelForCausalLM
 
@@ -147,7 +147,11 @@ def test_packed_examples_stay_apart_on_gpu(data, attention):
     ]
     packed = pack(rows, 32)
     assert len(packed) == 1 and len(packed[0]["seq_lens"]) == 3
-    batch = {k: v.cuda() for k, v in collate(packed, pad_id=0, attention=attention).items()}
+    from backpropagate.training.evaluation import to_device
+
+    # Width rounded up to 64 as the engine does on GPU: the padding must change nothing.
+    batch = to_device(collate(packed, pad_id=0, attention=attention, pad_to_multiple=64), "cuda")
+    assert batch["input_ids"].shape[1] == 64
     with torch.no_grad():
         logits = model(**batch, use_cache=False).logits[0]
         start = 0

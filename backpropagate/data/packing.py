@@ -3,10 +3,11 @@
 A packed sequence concatenates whole examples; ``position_ids`` restart at 0 for each one and
 ``seq_lens`` records their lengths, so attention stays inside each example. :func:`collate`
 turns a batch into tensors: for packed rows a block-diagonal causal 4D mask (any attention
-implementation, any device) or, with ``attention="position_ids"``, no mask at all: transformers
-then finds the example boundaries from the position ids itself, which it only does when the
-forward pass gets no attention mask and no cache (call the model with ``use_cache=False``).
-Unpacked rows are padded to the longest with labels -100.
+implementation, any device), the segment ids to build that mask on the device, or, with
+``attention="position_ids"``, no mask at all: transformers then finds the example boundaries
+from the position ids itself, which it only does when the forward pass gets no attention mask
+and no cache (call the model with ``use_cache=False``). Unpacked rows are padded to the longest
+with labels -100.
 """
 
 from __future__ import annotations
@@ -70,18 +71,26 @@ def collate(
     batch: Sequence[dict[str, list[int]]],
     pad_id: int,
     *,
-    attention: Literal["4d", "position_ids"] = "4d",
+    attention: Literal["4d", "segments", "position_ids"] = "4d",
     dtype: Any = None,
+    pad_to_multiple: int = 1,
 ) -> dict[str, Any]:
-    """Pad a batch to its longest row and return the model's inputs as tensors.
+    """Pad a batch to its longest row (rounded up to ``pad_to_multiple``) and return tensors.
 
-    Packed rows (with ``seq_lens``) get ``position_ids`` and either a float additive 4D mask of
-    shape (batch, 1, L, L) in ``dtype`` (default float32; match the model's dtype) or no mask.
-    Unpacked rows get a 2D ``attention_mask`` of ones and zeros.
+    Packed rows (with ``seq_lens``) get ``position_ids`` and one of: a float additive 4D mask of
+    shape (batch, 1, L, L) in ``dtype`` (``"4d"``; default float32, match the model's dtype),
+    ``segment_ids`` from which :func:`block_causal_mask` builds that mask later, on the device
+    (``"segments"``: a (batch, L) tensor crosses to the GPU instead of a (batch, L, L) one), or no
+    mask (``"position_ids"``). Unpacked rows get a 2D ``attention_mask`` of ones and zeros.
+
+    On a GPU the engine rounds widths up to a multiple of 64: every batch then has one of few
+    shapes, and kernels compiled for one shape (Triton specialises on divisibility by 16) are
+    not compiled again halfway through a run.
     """
     import torch
 
     width = max(len(row["input_ids"]) for row in batch)
+    width = -(-width // pad_to_multiple) * pad_to_multiple
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
     for r, row in enumerate(batch):
@@ -98,27 +107,40 @@ def collate(
         return out
 
     positions = torch.zeros((len(batch), width), dtype=torch.long)
-    # Padding becomes one more "example" of its own, so no real token ever attends to it.
-    segments = [[*row["seq_lens"], width - len(row["input_ids"])] for row in batch]
-    for r, lens in enumerate(segments):
-        positions[r] = torch.cat([torch.arange(n) for n in lens if n])
+    segment_ids = torch.zeros((len(batch), width), dtype=torch.long)
+    for r, row in enumerate(batch):
+        # Padding becomes one more "example" of its own, so no real token ever attends to it.
+        lens = torch.tensor([*row["seq_lens"], width - len(row["input_ids"])])
+        lens = lens[lens > 0]
+        starts = torch.cumsum(lens, 0) - lens
+        segment_ids[r] = torch.repeat_interleave(torch.arange(len(lens)), lens)
+        positions[r] = torch.arange(width) - torch.repeat_interleave(starts, lens)
     out["position_ids"] = positions
     if attention == "4d":
-        out["attention_mask"] = block_causal_mask(segments, width, dtype or torch.float32)
+        out["attention_mask"] = block_causal_mask(segment_ids, dtype or torch.float32)
+    elif attention == "segments":
+        out["segment_ids"] = segment_ids
     return out
 
 
-def block_causal_mask(segments: list[list[int]], width: int, dtype: Any) -> Any:
-    """Additive mask (0 = may attend, dtype minimum = may not) that is causal within each segment."""
+def block_causal_mask(segment_ids: Any, dtype: Any) -> Any:
+    """Additive mask (0 = may attend, dtype minimum = may not), causal within each segment.
+
+    ``segment_ids`` is (batch, L); the mask is (batch, 1, L, L) on the same device.
+    """
     import torch
 
-    allowed = torch.zeros((len(segments), 1, width, width), dtype=torch.bool)
-    causal = torch.ones((width, width), dtype=torch.bool).tril()
-    for r, lens in enumerate(segments):
-        start = 0
-        for n in lens:
-            if n:
-                allowed[r, 0, start : start + n, start : start + n] = causal[:n, :n]
-            start += n
-    mask = torch.zeros(allowed.shape, dtype=dtype)
-    return mask.masked_fill(~allowed, torch.finfo(dtype).min)
+    width = segment_ids.shape[-1]
+    same = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
+    causal = torch.ones((width, width), dtype=torch.bool, device=segment_ids.device).tril()
+    zero = torch.zeros((), dtype=dtype, device=segment_ids.device)
+    return torch.where(same & causal, zero, torch.finfo(dtype).min)
+
+
+def segments_to_mask(batch: dict[str, Any], dtype: Any) -> dict[str, Any]:
+    """Replace ``segment_ids`` (from ``attention="segments"``) with the 4D mask the model takes."""
+    if "segment_ids" not in batch:
+        return batch
+    out = {k: v for k, v in batch.items() if k != "segment_ids"}
+    out["attention_mask"] = block_causal_mask(batch["segment_ids"], dtype)
+    return out

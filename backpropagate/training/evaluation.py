@@ -7,11 +7,16 @@ from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
+from backpropagate.data.packing import segments_to_mask
 from backpropagate.training.data_order import label_tokens, split_micro_batches
 
 
-def to_device(batch: dict[str, Any], device: Any) -> dict[str, Any]:
-    return {k: v.to(device, non_blocking=True) if hasattr(v, "to") else v for k, v in batch.items()}
+def to_device(batch: dict[str, Any], device: Any, mask_dtype: Any = None) -> dict[str, Any]:
+    """Move a collated batch to ``device``; packed rows' segment ids become their 4D mask there."""
+    import torch
+
+    moved = {k: v.to(device, non_blocking=True) if hasattr(v, "to") else v for k, v in batch.items()}
+    return segments_to_mask(moved, mask_dtype or torch.float32)
 
 
 def evaluate(
@@ -22,6 +27,7 @@ def evaluate(
     batch_size: int,
     device: Any,
     autocast: Callable[[], AbstractContextManager[Any]] = nullcontext,
+    mask_dtype: Any = None,
 ) -> tuple[float, float]:
     """(loss, perplexity) over ``examples``, weighting each by its loss-carrying tokens.
 
@@ -39,7 +45,7 @@ def evaluate(
                 tokens = sum(label_tokens(ex) for ex in chunk)
                 if tokens == 0:
                     continue
-                batch = to_device(collate_fn(chunk), device)
+                batch = to_device(collate_fn(chunk), device, mask_dtype)
                 with autocast():
                     out = model(**batch, num_items_in_batch=tokens, use_cache=False)
                 # With num_items_in_batch the model returns the summed loss over the chunk / tokens.

@@ -127,6 +127,13 @@ class Run:
     resumed_from_step: int | None = None
 
     @property
+    def mask_dtype(self) -> Any:
+        """The dtype of a 4D attention mask: the attention's own on GPU, float32 on CPU."""
+        import torch
+
+        return self.loaded.dtype if self.loaded.device.type == "cuda" else torch.float32
+
+    @property
     def ckpt_root(self) -> Path:
         return self.run_dir / "checkpoints"
 
@@ -192,11 +199,11 @@ def setup(config: RunConfig, run_dir: Path, emit: Emit, control: RunControl) -> 
     scheduler = build_scheduler(config, optimizer, steps)
     fp16 = loaded.device.type == "cuda" and loaded.precision == "fp16"
     scaler = torch.amp.GradScaler("cuda") if fp16 else None
-    # Packed rows stay apart either through a block-diagonal 4D mask (built here, any backend) or,
-    # on the transformers backend on GPU, through position ids from which transformers builds the
-    # mask on the device (no host-side mask, no copy). A 4D mask must match the attention's dtype.
-    mask_dtype = loaded.dtype if loaded.device.type == "cuda" else torch.float32
-    attention = "position_ids" if loaded.device.type == "cuda" and loaded.backend == "transformers" else "4d"
+    # Packed rows stay apart either through position ids from which transformers builds the mask
+    # on the device (transformers backend on GPU), or through a block-diagonal 4D mask built from
+    # segment ids after they reach the device (any backend); it must match the attention's dtype.
+    on_gpu = loaded.device.type == "cuda"
+    attention = "position_ids" if on_gpu and loaded.backend == "transformers" else "segments"
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     run = Run(
         config=config,
@@ -207,7 +214,8 @@ def setup(config: RunConfig, run_dir: Path, emit: Emit, control: RunControl) -> 
         loaded=loaded,
         train=list(data.train),
         eval=list(data.eval),
-        collate=partial(collate, pad_id=pad_id, dtype=mask_dtype, attention=attention),
+        # Widths rounded up to 64 on GPU: few shapes, so no kernel is compiled again mid-run.
+        collate=partial(collate, pad_id=pad_id, attention=attention, pad_to_multiple=64 if on_gpu else 1),
         optimizer=optimizer,
         scheduler=scheduler,
         scaler=scaler,
@@ -391,7 +399,7 @@ def _accumulate_and_step(run: Run, step: int, examples: list[dict[str, Any]]) ->
     n_items = torch.tensor(n_tokens, device=device)
     step_loss = torch.zeros((), device=device)
     for i, chunk in enumerate(split_micro_batches(examples, run.state.micro_batch)):
-        batch = to_device(run.collate(chunk), device)
+        batch = to_device(run.collate(chunk), device, run.mask_dtype)
         with run.loaded.autocast():
             # No KV cache in training: it costs memory and hides packed-example boundaries.
             loss = model(**batch, num_items_in_batch=n_items, use_cache=False).loss
@@ -428,6 +436,7 @@ def _evaluate(run: Run, step: int) -> None:
             batch_size=run.state.micro_batch,
             device=run.loaded.device,
             autocast=run.loaded.autocast,
+            mask_dtype=run.mask_dtype,
         )
     except Exception as exc:
         if _is_oom(exc):
