@@ -349,3 +349,20 @@ def test_runs_without_weights_or_unfinished_are_not_exportable(tmp_path: Path) -
     (out / "adapter_config.json").write_text("{}")
     (run_dir / "adapter" / "config.json").unlink()
     assert weights_source(Run(id="r1", config={"output_dir": str(out)}), run_dir) == out
+
+
+def test_the_base_model_source_leaves_the_adapter_out(tmp_path: Path) -> None:
+    from backpropagate.errors import BackpropError
+    from backpropagate.export.source import ExportSource, base_model_source
+
+    run_dir = tmp_path / "r1"
+    lora = ExportSource("/models/base", run_dir / "adapter", run_dir, {"model": "/models/base"})
+    base = base_model_source(lora)
+    assert (base.base_model, base.adapter_dir, base.name) == ("/models/base", None, "r1-base")
+    assert base.default_output_root == run_dir / "exports"  # next to the run's own exports
+
+    full = ExportSource(str(run_dir / "model"), None, run_dir, {"model": "/models/start"})
+    assert base_model_source(full).base_model == "/models/start"  # where full fine-tuning began
+    with pytest.raises(BackpropError) as err:
+        base_model_source(ExportSource("/models/m", None, None, None))
+    assert err.value.code == "CONFIG_INVALID_SETTING" and err.value.hint

@@ -12,7 +12,7 @@ from test_export_support import qwen2_run  # noqa: F401 - fixture
 
 from backpropagate.settings import get_settings
 from ui_app.pages.chat import chat_page
-from ui_app.state import chat as chat_state
+from ui_app.state import export as export_state
 from ui_app.state.chat import Reply, gguf_choices, history
 
 
@@ -57,8 +57,22 @@ def test_choices_keep_only_completed_gguf_exports_newest_first() -> None:
         {"id": "gguf-f16-d", "run_id": "r1", "status": "failed", "path": None, "created_at": 5.0},
         {"id": "merged-f16-e", "run_id": "r1", "status": "completed", "path": "/x/merged", "created_at": 6.0},
     ]
+    states.append(
+        {
+            "id": "gguf-f16-base-f",
+            "run_id": "r1",
+            "status": "completed",
+            "path": "/x/r1-base-f16.gguf",
+            "created_at": 2.0,
+            "quantization": "f16",
+            "base_model": True,
+        }
+    )
     out = gguf_choices(states, {"r1": "my run"})
-    assert [c["id"] for c in out] == ["gguf-q8_0-b", "gguf-f16-a"]
+    assert [c["id"] for c in out] == ["gguf-q8_0-b", "gguf-f16-base-f", "gguf-f16-a"]
+    assert out[1]["label"] == "base model of my run · f16 (gguf-f16-base-f)" and out[1]["base"] == "yes"
+    assert out[1]["run_id"] == "r1" and out[1]["quantization"] == "f16"
+    out.pop(1)
     assert out[0]["label"] == "r2 · q8_0 (gguf-q8_0-b)"  # a run without a name shows its id
     assert out[1]["label"] == "my run · f16 (gguf-f16-a)"
 
@@ -80,8 +94,8 @@ def test_history_sends_the_turns_with_text_and_drops_the_pending_bubble() -> Non
 def test_a_reply_from_an_unknown_export_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, home: Path) -> None:
     from backpropagate.runs.exports import ExportJobs
 
-    monkeypatch.setattr(chat_state, "_api_state", lambda: None)
-    monkeypatch.setattr(chat_state, "_local_jobs", ExportJobs(get_settings()))
+    monkeypatch.setattr(export_state, "_api_state", lambda: None)
+    monkeypatch.setattr(export_state, "_local_jobs", ExportJobs(get_settings()))
     reply = Reply("gguf-f16-00000000", [{"role": "user", "content": "hi"}])
     reply.run()
     assert reply.done.is_set() and reply.text == ""
@@ -96,8 +110,8 @@ def test_a_reply_streams_from_the_exports_model_server(
     from backpropagate.runs.exports import ExportJobs
 
     jobs = ExportJobs(get_settings())
-    monkeypatch.setattr(chat_state, "_api_state", lambda: None)
-    monkeypatch.setattr(chat_state, "_local_jobs", jobs)
+    monkeypatch.setattr(export_state, "_api_state", lambda: None)
+    monkeypatch.setattr(export_state, "_local_jobs", jobs)
     run = SimpleNamespace(id=qwen2_run.name, status="completed", config={})
     try:
         state = jobs.start(run, "gguf", "f16", verify=False)

@@ -1,5 +1,7 @@
-"""The Chat page in a real browser: a tiny trained run exported to an f16 GGUF answers, streamed, in one
-column and then in two columns side by side."""
+"""The Export and Chat pages in a real browser: a tiny trained run exported to GGUF on the Export page (live
+progress bar, result, a download through the page's own origin, an Ollama registration that fails
+clearly), then its replies streamed on the Chat page in one column, in two columns side by side, and
+next to the run's base model exported from the Chat page."""
 
 from __future__ import annotations
 
@@ -16,6 +18,19 @@ DOCS_IMAGES = REPO / "docs" / "images"
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 STATE: dict[str, str] = {}
 
+# Fetch a link the way the page would (same origin, the session cookie): status and first bytes.
+FETCH_HEAD = """async (href) => {
+  const r = await fetch(href);
+  const bytes = new Uint8Array(await r.arrayBuffer());
+  return [r.status, Array.from(bytes.slice(0, 4)), bytes.length];
+}"""
+
+
+def _shot(ui: Page, name: str) -> None:
+    ARTIFACTS.mkdir(exist_ok=True)
+    ui.mouse.move(0, 0)
+    ui.screenshot(path=str(ARTIFACTS / f"ui-{name}.png"), full_page=True)
+
 
 def _wait_json(ui: Page, url: str, done: set[str], timeout_s: float) -> dict:
     deadline = time.monotonic() + timeout_s
@@ -27,17 +42,8 @@ def _wait_json(ui: Page, url: str, done: set[str], timeout_s: float) -> dict:
     raise AssertionError(f"{url} stayed {body['status']!r}")
 
 
-def test_no_export_yet_points_to_the_export_page(ui: Page, ui_server) -> None:  # noqa: ANN001
-    if any(ui_server.home.glob("runs/*/exports/*/*.gguf")):
-        pytest.skip("an earlier browser test already exported a GGUF in this server's home")
-    ui.goto(ui_server.base + "/chat")
-    expect(ui.locator("#chat-no-exports")).to_contain_text("No GGUF export yet", timeout=20000)
-    expect(ui.locator("#chat-export-link")).to_have_attribute("href", "/export")
-
-
-def test_a_trained_runs_gguf_export_answers_streamed(ui: Page, ui_server) -> None:  # noqa: ANN001
-    api = ui_server.base + "/api"
-    origin = {"Origin": ui_server.base}  # what the app's own pages send with a cookie-signed request
+def _trained_run(ui: Page, base: str) -> str:
+    api, origin = base + "/api", {"Origin": base}  # what the app's own pages send with a cookie
     data = (REPO / "examples" / "quickstart.jsonl").read_bytes()
     upload = ui.request.post(
         f"{api}/datasets",
@@ -54,21 +60,64 @@ def test_a_trained_runs_gguf_export_answers_streamed(ui: Page, ui_server) -> Non
     }
     created = ui.request.post(f"{api}/runs", data=config, headers=origin)
     assert created.status == 201, created.text()
-    run_id = created.json()["id"]
-    run = _wait_json(ui, f"{api}/runs/{run_id}", {"completed", "failed", "cancelled"}, 600)
+    run = _wait_json(ui, f"{api}/runs/{created.json()['id']}", {"completed", "failed", "cancelled"}, 600)
     assert run["status"] == "completed", run
-    job = ui.request.post(
-        f"{api}/runs/{run_id}/exports",
-        data={"format": "gguf", "quantization": "f16", "verify": False},
-        headers=origin,
-    )
-    assert job.status == 202, job.text()
-    export = _wait_json(ui, f"{api}/exports/{job.json()['id']}", {"completed", "failed"}, 300)
-    assert export["status"] == "completed", export
-    STATE["export"] = export["id"]
+    return run["id"]
 
+
+def test_no_export_yet_points_to_the_export_page(ui: Page, ui_server) -> None:  # noqa: ANN001
+    if any(ui_server.home.glob("runs/*/exports/*/*.gguf")):
+        pytest.skip("an earlier browser test already exported a GGUF in this server's home")
     ui.goto(ui_server.base + "/chat")
-    expect(ui.locator("#chat-model-left")).to_contain_text(export["id"], timeout=20000)
+    expect(ui.locator("#chat-no-exports")).to_contain_text("No GGUF export yet", timeout=20000)
+    expect(ui.locator("#chat-export-link")).to_have_attribute("href", "/export")
+
+
+def test_export_shows_progress_then_the_result_and_a_working_download(ui: Page, ui_server) -> None:  # noqa: ANN001
+    run_id = STATE["run"] = _trained_run(ui, ui_server.base)
+    ui.goto(f"{ui_server.base}/export?run={run_id}")
+    expect(ui.locator("#export-run")).to_contain_text("chat e2e", timeout=20000)
+    ui.click("#start-export")  # gguf q8_0, verified: the page's defaults
+    expect(ui.locator("#export-progress-bar")).to_be_visible(timeout=20000)
+    expect(ui.locator("#export-progress")).to_contain_text("Exporting")
+    result = ui.locator("#export-result")
+    expect(result.or_(ui.locator("#export-error"))).to_be_visible(timeout=240000)
+    expect(ui.locator("#export-error")).to_have_count(0)
+    expect(result).to_contain_text("mean KL")
+    expect(result).to_contain_text("top-1 agreement")
+    _shot(ui, "export-done")
+
+    link = result.locator("a.export-download[data-file$='.gguf']")
+    expect(link).to_have_count(1)
+    href = link.get_attribute("href")
+    assert href.startswith("/api/exports/") and "download?file=" in href, href  # relative: any origin
+    status, magic, size = ui.evaluate(FETCH_HEAD, href)
+    assert status == 200 and bytes(magic) == b"GGUF" and size > 1000, (status, magic, size)
+    STATE["export"] = link.get_attribute("data-export")
+
+
+def test_an_unreachable_ollama_is_a_clear_error_and_earlier_exports_stay_listed(ui: Page, ui_server) -> None:  # noqa: ANN001
+    ui.fill("#export-ollama-name", "tiny-e2e")
+    ui.click("#export-verify")  # off: only the registration matters here
+    ui.click("#start-export")
+    error = ui.locator("#export-error")
+    expect(error).to_contain_text("DEP_OLLAMA_REGISTRATION_FAILED", timeout=240000)
+    expect(error).to_contain_text("hint:")
+    expect(error.locator("a.export-download[data-file$='.gguf']")).to_have_count(1)  # the GGUF is kept
+    _shot(ui, "export-ollama-error")
+
+    ui.reload()  # nothing is lost: both exports are read back from their folders
+    expect(ui.locator("#export-error")).to_contain_text("DEP_OLLAMA_REGISTRATION_FAILED", timeout=20000)
+    earlier = ui.locator("#export-list .export-earlier")
+    expect(earlier).to_have_count(1)
+    expect(earlier).to_contain_text("completed")
+    expect(earlier.locator("a.export-download[data-file$='.gguf']")).to_have_count(1)
+    expect(ui.locator("a.export-download[data-file$='.gguf']")).to_have_count(2)
+
+
+def test_a_trained_runs_gguf_export_answers_streamed(ui: Page, ui_server) -> None:  # noqa: ANN001
+    ui.goto(ui_server.base + "/chat")
+    expect(ui.locator("#chat-model-left")).to_contain_text(STATE["export"], timeout=20000)
     ui.fill("#chat-input", "What is fine-tuning?")
     ui.click("#chat-send")
     expect(ui.locator("#chat-log-left .chat-user")).to_have_text("What is fine-tuning?", timeout=20000)
@@ -104,3 +153,34 @@ def test_two_models_answer_the_same_conversation(ui: Page) -> None:
     ui.screenshot(path=str(path), full_page=True)
     DOCS_IMAGES.mkdir(parents=True, exist_ok=True)
     shutil.copy(path, DOCS_IMAGES / "chat.png")
+
+
+def test_the_base_model_answers_next_to_the_export_on_the_chat_page(ui: Page, ui_server) -> None:  # noqa: ANN001
+    ui.goto(ui_server.base + "/chat")
+    expect(ui.locator("#chat-model-left")).to_contain_text("chat e2e · q8_0", timeout=20000)
+    ui.click("#chat-base-export")
+    right = ui.locator("#chat-model-right")
+    expect(ui.locator("#chat-base-progress").or_(right.filter(has_text="base model of"))).to_be_visible(
+        timeout=20000
+    )
+    expect(right).to_contain_text("base model of chat e2e · q8_0", timeout=240000)
+    expect(ui.locator("#chat-base-error")).to_have_count(0)
+    ui.fill("#chat-input", "What is fine-tuning?")
+    ui.click("#chat-send")
+    for col in ("left", "right"):
+        expect(ui.locator(f"#chat-log-{col} .chat-user").last).to_have_text(
+            "What is fine-tuning?", timeout=20000
+        )
+    expect(ui.locator("#chat-send")).to_be_enabled(timeout=180000)  # both replies have finished streaming
+    expect(ui.locator("#chat-error")).to_have_count(0)
+    answers = [
+        ui.locator(f"#chat-log-{col} .chat-assistant").last.inner_text().strip() for col in ("left", "right")
+    ]
+    assert all(a and a != "…" for a in answers), answers
+    _shot(ui, "chat-base-model")
+
+    # Asking again reuses the finished base export at once.
+    ui.click("#chat-base-export")
+    expect(right).to_contain_text("base model of", timeout=20000)
+    base_exports = list(ui_server.home.glob(f"runs/{STATE['run']}/exports/gguf-q8_0-base-*"))
+    assert len(base_exports) == 1, base_exports

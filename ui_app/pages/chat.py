@@ -1,4 +1,7 @@
-"""The Chat page: talk to a run's GGUF export, optionally beside a second export answering the same chat."""
+"""The Chat page: talk to a run's GGUF export, optionally beside a second export answering the same chat.
+
+The second column can be the run's base model: one button exports it (same quantization) and picks it.
+"""
 
 from __future__ import annotations
 
@@ -43,6 +46,49 @@ def _column(messages: rx.Var, picked: rx.Var, items: rx.Var, on_change: object, 
     )
 
 
+def _base_model_control() -> rx.Component:
+    s = ChatState
+    return rx.flex(
+        rx.flex(
+            rx.button(
+                rx.icon("git_compare", size=16),
+                "Compare with the base model",
+                on_click=ChatState.make_base,
+                loading=s.base_status == "running",
+                disabled=s.left_id == "",
+                variant="soft",
+                id="chat-base-export",
+            ),
+            rx.text(
+                "Exports the model the left run started from, without its adapter, in the same "
+                "quantization (once; later it is reused), and answers with it on the right.",
+                size="1",
+                color_scheme="gray",
+            ),
+            gap="3",
+            align="center",
+            wrap="wrap",
+        ),
+        rx.cond(
+            s.base_status == "running",
+            rx.box(
+                rx.text("Exporting the base model… ", s.base_stage, " (", s.base_percent, " %)", size="1"),
+                rx.progress(value=s.base_percent, max=100, width="100%"),
+                id="chat-base-progress",
+                width="100%",
+            ),
+        ),
+        rx.cond(
+            s.base_error != "",
+            rx.callout(s.base_error, color_scheme="red", icon="triangle_alert", id="chat-base-error"),
+        ),
+        direction="column",
+        gap="2",
+        margin_top="0.75em",
+        width="100%",
+    )
+
+
 def chat_page() -> rx.Component:
     s = ChatState
     return page(
@@ -74,6 +120,7 @@ def chat_page() -> rx.Component:
                     gap="3",
                     width="100%",
                 ),
+                _base_model_control(),
                 rx.form(
                     rx.hstack(
                         rx.text_area(

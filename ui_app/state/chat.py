@@ -1,7 +1,8 @@
 """The Chat page's state: pick one or two GGUF exports and stream their replies to one conversation.
 
 The model servers are llama.cpp child processes started by the same ExportJobs the API uses,
-so the page and ``POST /api/chat`` share them; nothing heavy is imported in this process.
+so the page and ``POST /api/chat`` share them; nothing heavy is imported in this process. The
+run's base model (without the adapter) is exported through the same jobs to answer beside it.
 """
 
 from __future__ import annotations
@@ -14,43 +15,11 @@ import reflex as rx
 
 from backpropagate.errors import BackpropError
 from ui_app.state import service
+from ui_app.state.export import STAGE_NAMES, error_text, export_jobs, start_export
 
 NONE = "none"  # the select value for "no second model" (a select item cannot have an empty value)
 PUSH_EVERY_S = 0.25  # at most four pushes a second while replies stream
-_local_jobs: Any = None
-
-
-def _api_state() -> Any:
-    """The API app's ``app.state`` (it holds the RunService and the export jobs), or None."""
-    from reflex.utils.prerequisites import get_app
-
-    rx_app = getattr(get_app(), "app", None)
-    transformers = getattr(rx_app, "api_transformer", None) or []
-    if not isinstance(transformers, (list, tuple)):
-        transformers = [transformers]
-    for t in transformers:
-        state = getattr(t, "state", None)
-        if getattr(state, "service", None) is not None:
-            return state
-    return None
-
-
-def export_jobs() -> Any:
-    """The ExportJobs of this server process: the API's own when it has one, so servers are shared."""
-    global _local_jobs
-    from backpropagate.runs.exports import ExportJobs
-
-    try:
-        state = _api_state()
-    except Exception:  # noqa: BLE001 - no Reflex app here: use one of our own below
-        state = None
-    if state is not None:
-        if getattr(state, "export_jobs", None) is None:
-            state.export_jobs = ExportJobs(state.settings)
-        return state.export_jobs
-    if _local_jobs is None:
-        _local_jobs = ExportJobs(service.run_service().settings)
-    return _local_jobs
+POLL_S = 0.5  # how often the base model's export is read while it runs
 
 
 def gguf_choices(states: list[dict[str, Any]], run_names: dict[str, str]) -> list[dict[str, str]]:
@@ -63,7 +32,17 @@ def gguf_choices(states: list[dict[str, Any]], run_names: dict[str, str]) -> lis
     for s in done:
         run = run_names.get(s["run_id"]) or s["run_id"]
         quant = s.get("quantization") or "gguf"
-        out.append({"id": s["id"], "label": f"{run} · {quant} ({s['id']})"})
+        label = f"{run} · {quant} ({s['id']})"
+        out.append(
+            {
+                "id": s["id"],
+                "label": f"base model of {label}" if s.get("base_model") else label,
+                "run_id": s["run_id"],
+                "quantization": quant,
+                "verify": "yes" if s.get("verify", True) else "",
+                "base": "yes" if s.get("base_model") else "",
+            }
+        )
     return out
 
 
@@ -124,6 +103,11 @@ class ChatState(rx.State):
     draft: str = ""
     sending: bool = False
     error: str = ""
+    base_id: str = ""  # the base-model export being made for the left column's run
+    base_status: str = ""
+    base_stage: str = ""
+    base_percent: int = 0
+    base_error: str = ""
 
     @rx.var
     def two(self) -> bool:
@@ -133,8 +117,15 @@ class ChatState(rx.State):
     def right_choices(self) -> list[dict[str, str]]:
         return [{"id": NONE, "label": "No second model"}, *self.exports]
 
+    @rx.var
+    def left_choice(self) -> dict[str, str]:
+        return next((e for e in self.exports if e["id"] == self.left_id), {})
+
     @rx.event
     async def load(self) -> None:
+        await self._load_choices()
+
+    async def _load_choices(self) -> None:
         self.error = ""
         try:
             runs = await service.list_runs()
@@ -159,6 +150,40 @@ class ChatState(rx.State):
     def set_left(self, value: str) -> None:
         self.left_id = value
         self.left = []
+        self.base_id, self.base_status, self.base_error = "", "", ""
+
+    @rx.event(background=True)
+    async def make_base(self) -> None:
+        """Export the base model of the left column's run (same quantization), then put it on the right."""
+        async with self:
+            picked = next((e for e in self.exports if e["id"] == self.left_id), None)
+            if picked is None or self.base_status == "running":
+                return
+            self.base_error, self.base_status, self.base_stage, self.base_percent = "", "running", "", 0
+        try:
+            state = await start_export(
+                picked["run_id"], "gguf", picked["quantization"], bool(picked["verify"]), base_model=True
+            )
+            while True:
+                async with self:
+                    self.base_id = state["id"]
+                    self.base_status = state["status"]
+                    self.base_stage = STAGE_NAMES.get(state.get("stage") or "", state.get("stage") or "")
+                    self.base_percent = round(100 * float(state.get("progress") or 0))
+                    error, hint = error_text(state.get("error"))
+                    self.base_error = f"{error} hint: {hint}" if hint else error
+                if state["status"] != "running":
+                    break
+                await asyncio.sleep(POLL_S)
+                state = await asyncio.to_thread(export_jobs().status, state["id"])
+        except BackpropError as exc:
+            async with self:
+                self.base_status, self.base_error = "failed", f"[{exc.code}] {exc.message}"
+            return
+        if state["status"] == "completed":
+            async with self:
+                await self._load_choices()  # the base export is now one of the choices
+                self.right_id, self.right = state["id"], []
 
     @rx.event
     def set_right(self, value: str) -> None:
