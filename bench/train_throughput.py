@@ -357,8 +357,9 @@ def render(rows: list[dict], env: dict) -> str:
         "",
         f"Random-init models with real dimensions, seq {SEQ}, LoRA r{LORA_R} all-linear, bf16. "
         "Ratios are to row a of the same shape, measured in the same run. tokens/s is the mean over "
-        "the timed steps; median step is the rate of the median step; slow steps took over 1.5x "
-        "the median (kernels compiled on first use of a shape or value).",
+        "the timed steps (rows run more than once: the median run, with the range of all runs); "
+        "median step is the rate of the median step; slow steps took over 1.5x the median "
+        "(kernels compiled on first use of a shape or value).",
         "",
         "| row | model | micro-batch | grad ckpt | tokens/s | median step | slow steps | peak GiB "
         "| estimate GiB | MFU | ratio to a |",
@@ -375,9 +376,12 @@ def render(rows: list[dict], env: dict) -> str:
         if r.get("est_gib") and r.get("peak_gib"):
             est = f"{r['est_gib']:.1f} ({(r['est_gib'] / r['peak_gib'] - 1) * 100:+.0f}%)"
         median = f"{r['median_tokens_per_s']:,.0f}" if r.get("median_tokens_per_s") else "?"
+        spread = ""
+        if len(r.get("runs") or []) > 1:
+            spread = f" ({min(r['runs']):,.0f}-{max(r['runs']):,.0f}, {len(r['runs'])} runs)"
         lines.append(
             f"| {r['name']} | {r['model']} | {r['micro_batch']} | {r['grad_ckpt']} | "
-            f"{r['tokens_per_s']:,.0f} | {median} | {r.get('slow_steps', '?')} | {peak} | {est} | {mfu} | {ratio} |"
+            f"{r['tokens_per_s']:,.0f}{spread} | {median} | {r.get('slow_steps', '?')} | {peak} | {est} | {mfu} | {ratio} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -388,6 +392,7 @@ def main() -> None:
     p.add_argument("--rows", default="a,b,c,d,e")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--repeat", type=int, default=1, help="run every row this many times; report the median")
     p.add_argument("--work", default="/tmp/bench-models")
     p.add_argument("--out", default=str(REPO / "bench"))
     p.add_argument("--merge", help="earlier results JSON whose other shapes join this table")
@@ -405,52 +410,74 @@ def main() -> None:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     data = write_text_data(work / "text.jsonl")
-    rows: list[dict] = []
+    runs: list[dict] = []
     for shape in args.models.split(","):
         model_dir = prepare_model_dir(shape, work)
-        baseline = None
-        for row in args.rows.split(","):
-            cmd = [sys.executable, __file__, "--one", "--row", row, "--shape", shape,
-                   "--model-dir", str(model_dir), "--data", str(data),
-                   "--steps", str(args.steps), "--warmup", str(args.warmup)]  # fmt: skip
-            t0 = time.time()
-            # Every row compiles its kernels from scratch, as on a fresh machine (otherwise a row
-            # would reuse what an earlier row compiled), and logs why torch.compile recompiled.
-            env = {
-                **os.environ,
-                "TRITON_CACHE_DIR": tempfile.mkdtemp(prefix="triton-"),
-                "TORCH_LOGS": "recompiles",
-            }
-            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tempfile.gettempdir(), env=env)
-            found = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-            entry = {
-                "name": row_name(row),
-                "row": row,
-                "model": SHAPES[shape]["label"],
-                "wall_s": time.time() - t0,
-            }
-            if proc.returncode != 0 or not found:
-                entry["error"] = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-                sys.stderr.write(proc.stderr[-4000:])
-            else:
-                entry.update(json.loads(found[-1][7:]))
-                entry["recompiles"] = recompile_reasons(proc.stderr)
-                peak = peak_tflops(env["card"])
-                entry["mfu"] = (
-                    entry["tokens_per_s"] * flops_per_token(SHAPES[shape]["config"]) / (peak * 1e12)
-                    if peak
-                    else None
-                )
-                entry["est_gib"] = estimate_for(row, shape, entry)
-                if row == "a":
-                    baseline = entry["tokens_per_s"]
-                entry["ratio_to_baseline"] = entry["tokens_per_s"] / baseline if baseline else None
-            rows.append(entry)
-            write_results(rows, env, args)
-            print(f"{entry['name']:<42} {shape:>5} {entry.get('tokens_per_s', 0):>10,.0f} tok/s  "
-                  f"{entry.get('peak_gib') or 0:6.1f} GiB  {entry.get('error', '')}", flush=True)  # fmt: skip
+        # Repeats go round all rows in turn, so a slow drift of the card touches every row alike.
+        for repeat in range(args.repeat):
+            for row in args.rows.split(","):
+                entry = run_row(row, shape, model_dir, data, args)
+                entry["repeat"] = repeat
+                runs.append(entry)
+                write_results(summarize(runs, env), env, args)
+                print(f"{entry['name']:<42} {shape:>5} {entry.get('tokens_per_s', 0):>10,.0f} tok/s  "
+                      f"{entry.get('peak_gib') or 0:6.1f} GiB  {entry.get('error', '')}", flush=True)  # fmt: skip
 
-    print(write_results(rows, env, args))
+    print(write_results(summarize(runs, env), env, args))
+
+
+def run_row(row: str, shape: str, model_dir: Path, data: Path, args: argparse.Namespace) -> dict:
+    """One row in a child process of its own."""
+    cmd = [sys.executable, __file__, "--one", "--row", row, "--shape", shape,
+           "--model-dir", str(model_dir), "--data", str(data),
+           "--steps", str(args.steps), "--warmup", str(args.warmup)]  # fmt: skip
+    t0 = time.time()
+    # Every row compiles its kernels from scratch, as on a fresh machine (otherwise a row would
+    # reuse what an earlier row compiled), and logs why torch.compile recompiled.
+    child_env = {
+        **os.environ,
+        "TRITON_CACHE_DIR": tempfile.mkdtemp(prefix="triton-"),
+        "TORCH_LOGS": "recompiles",
+    }
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tempfile.gettempdir(), env=child_env)
+    found = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    entry = {"name": row_name(row), "row": row, "shape": shape, "model": SHAPES[shape]["label"],
+             "wall_s": time.time() - t0}  # fmt: skip
+    if proc.returncode != 0 or not found:
+        entry["error"] = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        sys.stderr.write(proc.stderr[-4000:])
+        return entry
+    entry.update(json.loads(found[-1][7:]))
+    entry["recompiles"] = recompile_reasons(proc.stderr)
+    entry["est_gib"] = estimate_for(row, shape, entry)
+    return entry
+
+
+def summarize(runs: list[dict], env: dict) -> list[dict]:
+    """One line per (shape, row): the median run by tokens/s, every run's rate kept in ``runs``;
+    MFU and the ratio to row a of the same shape (its median run) computed from those."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for entry in runs:
+        groups.setdefault((entry["shape"], entry["row"]), []).append(entry)
+    lines: list[dict] = []
+    for (shape, _row), entries in groups.items():
+        good = sorted((e for e in entries if "error" not in e), key=lambda e: e["tokens_per_s"])
+        if not good:
+            lines.append(entries[-1])
+            continue
+        line = dict(good[(len(good) - 1) // 2])
+        line["tokens_per_s"] = statistics.median(e["tokens_per_s"] for e in good)
+        line["runs"] = [round(e["tokens_per_s"], 1) for e in entries if "error" not in e]
+        peak = peak_tflops(env["card"])
+        line["mfu"] = (
+            line["tokens_per_s"] * flops_per_token(SHAPES[shape]["config"]) / (peak * 1e12) if peak else None
+        )
+        lines.append(line)
+    for line in lines:
+        base = next((b for b in lines if b.get("shape") == line.get("shape") and b["row"] == "a"), None)
+        ok = base is not None and "error" not in base and "error" not in line
+        line["ratio_to_baseline"] = line["tokens_per_s"] / base["tokens_per_s"] if ok else None
+    return lines
 
 
 def write_results(rows: list[dict], env: dict, args: argparse.Namespace) -> str:
