@@ -120,3 +120,13 @@ def test_cli_export_and_push_errors(qwen2_run: Path, tmp_path: Path) -> None:  #
     )
     assert pushed.returncode == 1
     assert "[DEP_HUB_PUSH_FAILED]" in pushed.stderr and "hint:" in pushed.stderr
+
+    # The base model is exported as GGUF only: the flag reaches export_run, which says so.
+    base = subprocess.run(
+        [*backprop, "export", qwen2_run.name, "--format", "merged", "--base-model"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert base.returncode == 1
+    assert "[CONFIG_INVALID_SETTING]" in base.stderr and "base model" in base.stderr

@@ -10,7 +10,6 @@ import pytest
 
 from backpropagate.config import RunConfig
 from backpropagate.errors import BackpropError, ErrorCode
-from ui_app.pages.export import export_command, parse_failure
 from ui_app.pages.new_run import DEFAULTS, FIELDS, STEP_FIELDS, form_to_config
 from ui_app.pages.runs import run_row
 from ui_app.state import service
@@ -87,24 +86,3 @@ def test_run_dir_refuses_paths() -> None:
     for bad in ("../etc", "a/b", ".hidden", ""):
         with pytest.raises(BackpropError):
             service.run_dir(bad)
-
-
-def test_export_command_and_failure_message() -> None:
-    cmd = export_command("r1", "gguf", "q4_k_m")
-    assert cmd[1:] == [
-        "-m",
-        "backpropagate",
-        "export",
-        "r1",
-        "--format",
-        "gguf",
-        "--json",
-        "--quantization",
-        "q4_k_m",
-    ]
-    assert "--quantization" not in export_command("r1", "adapter", "-")
-    err = "loading...\n[DEP_LLAMA_CPP_MISSING] llama.cpp is needed for q4_k_m\nhint: pip install llama-cpp-python\n"
-    assert (
-        parse_failure(err)
-        == "[DEP_LLAMA_CPP_MISSING] llama.cpp is needed for q4_k_m hint: pip install llama-cpp-python"
-    )

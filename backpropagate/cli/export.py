@@ -52,6 +52,9 @@ def register(app: typer.Typer) -> None:
         ollama: str | None = typer.Option(
             None, "--ollama", help="Also register the GGUF with Ollama as NAME."
         ),
+        base_model: bool = typer.Option(
+            False, "--base-model", help="Export the run's base model, without the adapter (gguf only)."
+        ),
         as_json: bool = typer.Option(False, "--json", help="Print the result as JSON to stdout."),
     ) -> None:
         """Export a trained run as an adapter, merged weights or a (verified) GGUF."""
@@ -59,7 +62,7 @@ def register(app: typer.Typer) -> None:
 
         bar, update = _progress_bar()
         with bar:
-            result = export_run(source, fmt, quantization, output, verify, update, ollama)  # type: ignore[arg-type]
+            result = export_run(source, fmt, quantization, output, verify, update, ollama, base_model)  # type: ignore[arg-type]
         if as_json:
             print(json.dumps(result.to_dict(), indent=2))
             return

@@ -6,30 +6,10 @@ starts); the page shows their progress, results and download links, and the run'
 
 from __future__ import annotations
 
-import sys
-
 import reflex as rx
 
 from ui_app.components.layout import page
 from ui_app.state.export import FORMATS, ExportState
-
-
-def export_command(run_id: str, fmt: str, quantization: str) -> list[str]:
-    """The `backprop export` command line that does what the page does, for use in a terminal."""
-    cmd = [sys.executable, "-m", "backpropagate", "export", run_id, "--format", fmt, "--json"]
-    if fmt != "adapter" and quantization not in ("", "-"):
-        cmd += ["--quantization", quantization]
-    return cmd
-
-
-def parse_failure(stderr: str) -> str:
-    """The `[CODE] message` line (and its hint) the CLI printed, else the last lines of output."""
-    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
-    for i, line in enumerate(lines):
-        if line.startswith("[") and "]" in line:
-            hint = next((h for h in lines[i + 1 : i + 2] if h.startswith("hint:")), "")
-            return f"{line} {hint}".strip()
-    return " ".join(lines[-3:]) or "The export stopped without a message."
 
 
 def _field(label: str, control: rx.Component) -> rx.Component:
