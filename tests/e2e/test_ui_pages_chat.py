@@ -147,12 +147,7 @@ def test_two_models_answer_the_same_conversation(ui: Page) -> None:
     # Each column finished: streamed text, or the note that the tiny model stopped at once.
     assert all(a and a != "…" for a in answers), answers
     assert any("ended its reply without any text" not in a for a in answers), answers
-    ARTIFACTS.mkdir(exist_ok=True)
-    path = ARTIFACTS / "ui-chat.png"
-    ui.mouse.move(0, 0)
-    ui.screenshot(path=str(path), full_page=True)
-    DOCS_IMAGES.mkdir(parents=True, exist_ok=True)
-    shutil.copy(path, DOCS_IMAGES / "chat.png")
+    _shot(ui, "chat")
 
 
 def test_the_base_model_answers_next_to_the_export_on_the_chat_page(ui: Page, ui_server) -> None:  # noqa: ANN001
@@ -178,6 +173,9 @@ def test_the_base_model_answers_next_to_the_export_on_the_chat_page(ui: Page, ui
     ]
     assert all(a and a != "…" for a in answers), answers
     _shot(ui, "chat-base-model")
+    # The docs show the trained model answering next to its base model.
+    DOCS_IMAGES.mkdir(parents=True, exist_ok=True)
+    shutil.copy(ARTIFACTS / "ui-chat-base-model.png", DOCS_IMAGES / "chat.png")
 
     # Asking again reuses the finished base export at once.
     ui.click("#chat-base-export")
