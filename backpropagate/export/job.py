@@ -40,7 +40,7 @@ def _output_bytes(path: Path) -> int:
 
 def run_job(job_dir: Path) -> int:
     """Do the export described in ``job_dir``; returns the process exit code."""
-    from backpropagate.export.run_export import export_run
+    from backpropagate.export.run_export import export_label, export_run
 
     job = json.loads((job_dir / JOB_FILE).read_text())
     progress_path = job_dir / PROGRESS_FILE
@@ -68,8 +68,7 @@ def run_job(job_dir: Path) -> int:
         err = BackpropError(ErrorCode.RUNTIME_INTERNAL, f"export failed: {type(exc).__name__}: {exc}")
         append_line(progress_path, {"type": "failed", **_error_record(err)})
         return 1
-    label = result.format if result.quantization is None else f"{result.format}-{result.quantization}"
-    _record(job, label + ("-base" if result.base_model else ""), Path(result.path))
+    _record(job, export_label(result.format, result.quantization, result.base_model), Path(result.path))
     append_line(progress_path, {"type": "completed", "result": result.to_dict()})
     return 0
 

@@ -38,6 +38,20 @@ ExportFormat = Literal["adapter", "merged", "gguf"]
 StageProgress = Callable[[str, int, int], None]  # (stage, done, total)
 
 
+def export_label(fmt: str, quantization: str | None, base_model: bool = False) -> str:
+    """An export's name, as its folder, its job id and the run store show it: ``gguf-q8_0-base``."""
+    return (fmt if quantization is None else f"{fmt}-{quantization}") + ("-base" if base_model else "")
+
+
+def check_base_model_format(fmt: str) -> None:
+    """A run's base model is exported as GGUF only: it is there to chat with next to the run."""
+    if fmt != "gguf":
+        raise BackpropError(
+            ErrorCode.CONFIG_INVALID_SETTING,
+            f"the base model is exported as gguf, to chat with next to the run; got format {fmt!r}",
+        )
+
+
 @dataclass
 class ExportResult:
     """Where an export went and what was measured on the way."""
@@ -115,16 +129,12 @@ def export_run(
     """
     started = time.monotonic()
     q = _validate(format, quantization)
-    if base_model and format != "gguf":
-        raise BackpropError(
-            ErrorCode.CONFIG_INVALID_SETTING,
-            f"the base model is exported as gguf, to chat with next to the run; got format {format!r}",
-        )
+    if base_model:
+        check_base_model_format(format)
     src = resolve_source(source)
     if base_model:
         src = base_model_source(src)
-    label = format if format == "adapter" else f"{format}-{q}" + ("-base" if base_model else "")
-    out_dir = Path(output) if output else src.default_output_root / label
+    out_dir = Path(output) if output else src.default_output_root / export_label(format, q, base_model)
     out_dir.mkdir(parents=True, exist_ok=True)
     report = progress or (lambda *_: None)
 

@@ -177,11 +177,9 @@ class ExportJobs:
                 ErrorCode.CONFIG_INVALID_SETTING, "ollama_name needs a gguf export; got format " + repr(fmt)
             )
         if base_model:
-            if fmt != "gguf":
-                raise BackpropError(
-                    ErrorCode.CONFIG_INVALID_SETTING,
-                    "base_model exports are gguf (to chat with next to the run); got format " + repr(fmt),
-                )
+            from backpropagate.export.run_export import check_base_model_format  # no torch
+
+            check_base_model_format(fmt)
             # The base never changes, so one export per quantization serves every later request.
             with self._start_lock:
                 reuse = self._reusable_base(run.id, q, verify, ollama_name)
@@ -213,9 +211,10 @@ class ExportJobs:
         ollama_name: str | None,
         base_model: bool,
     ) -> dict[str, Any]:
+        from backpropagate.export.run_export import export_label  # no torch: safe in the server
+
         run_dir = self.runs_dir / run.id
-        label = (fmt if q is None else f"{fmt}-{q}") + ("-base" if base_model else "")
-        export_id = f"{label}-{secrets.token_hex(4)}"
+        export_id = f"{export_label(fmt, q, base_model)}-{secrets.token_hex(4)}"
         job_dir = run_dir / "exports" / export_id
         job_dir.mkdir(parents=True)
         job = {
