@@ -8,28 +8,14 @@ the page *and* run the /_event socket through the forwarder's port only.
 from __future__ import annotations
 
 import asyncio
-import os
-import re
-import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
+from ui_server import free_port, prepared_home, refresh_ui_cache, running_ui
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
-
-URL_RE = re.compile(r"running: http://127\.0\.0\.1:(\d+)/\?token=([\w-]+)")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Forwarder:
@@ -89,31 +75,14 @@ class Forwarder:
 
 
 @pytest.fixture(scope="module")
-def backend(home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, str]]:
+def backend() -> Iterator[tuple[int, str]]:
     """`backprop ui` (local mode) on port A; yields (A, token)."""
-    port = free_port()
-    log = tmp_path_factory.mktemp("tunnel") / "ui.log"
-    env = {**os.environ, "BACKPROPAGATE_HOME": str(home)}
-    env.pop("BACKPROPAGATE_UI_LAUNCH", None)
-    with log.open("w") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "backpropagate", "ui", "--no-browser", "--port", str(port)],
-            env=env,
-            cwd=log.parent,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        deadline = time.monotonic() + 400
-        while not (match := URL_RE.search(log.read_text())):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"backprop ui did not start:\n{log.read_text()[-3000:]}")
-            time.sleep(0.5)
-        assert int(match.group(1)) == port
-        yield port, match.group(2)
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=30)
+    with (
+        prepared_home("backprop-e2e-tunnel-") as home,
+        running_ui(home, log_name="e2e-tunnel-server.log") as ui,
+    ):
+        refresh_ui_cache(home)
+        yield ui.port, ui.login_url.split("token=", 1)[1]
 
 
 def test_tunnel_page_and_socket_use_the_forwarded_port(backend: tuple[int, str], page) -> None:  # noqa: ANN001

@@ -7,54 +7,25 @@ sign in → header → pages tour → log out.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import secrets
-import shutil
-import signal
 import subprocess
 import sys
-import tempfile
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 from playwright.sync_api import Browser, ConsoleMessage, Page, Request, Response, expect
+from ui_server import ARTIFACTS, CHROMIUM, REPO, UiServer, prepared_home, refresh_ui_cache, running_ui
 
-REPO = Path(__file__).resolve().parents[2]
-ARTIFACTS = REPO / "test-artifacts"
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 USER = "alice"
 PASSWORD = secrets.token_urlsafe(12)  # per session: nothing guessable ever protects a server
 TOUR = [("New run", "/new"), ("Compare", "/compare"), ("Export", "/export"), ("Chat", "/chat"), ("Runs", "/")]
-READY = "Backpropagate is running: "
-
-
-def _e2e_helpers() -> ModuleType:
-    """The pages tour's conftest, loaded by path: its name clashes with tests/conftest.py."""
-    spec = importlib.util.spec_from_file_location(
-        "e2e_conftest_helpers", Path(__file__).with_name("conftest.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-E2E = _e2e_helpers()
-
-
-@dataclass
-class BasicServer:
-    proc: subprocess.Popen
-    base: str
-    home: Path
-    log: Path
 
 
 @dataclass
@@ -93,105 +64,24 @@ def _backprop(home: Path, *args: str, stdin: str | None = None) -> subprocess.Co
     )
 
 
-def _build_stamp(ui_dir: Path) -> str:
-    return "".join(sorted(p.read_text() for p in ui_dir.glob("*/.backprop-build")))
-
-
-def _copy_ui_cache(target: Path) -> None:
-    """Start from the shared front-end build (node_modules, bundle): a rebuild skips the npm install.
-
-    Another session may be swapping the cache for a newer build at this moment; try again, and
-    build from scratch rather than fail.
-    """
-    for _ in range(3):
-        if not E2E.UI_CACHE.is_dir():
-            return
-        try:
-            shutil.copytree(E2E.UI_CACHE, target, symlinks=True)
-            return
-        except (OSError, shutil.Error):
-            shutil.rmtree(target, ignore_errors=True)
-            time.sleep(2)
-
-
-def _refresh_ui_cache(home: Path) -> None:
-    """Hand a fresh front-end build back to the shared cache, so the next session starts warm."""
-    cache = E2E.UI_CACHE
-    staged = cache.with_name(f"{cache.name}.{os.getpid()}")
-    try:
-        if not (home / "ui").is_dir() or (
-            cache.is_dir() and _build_stamp(cache) == _build_stamp(home / "ui")
-        ):
-            return
-        shutil.copytree(home / "ui", staged, symlinks=True, ignore=shutil.ignore_patterns(".states"))
-        shutil.rmtree(cache, ignore_errors=True)
-        staged.rename(cache)
-    except (OSError, shutil.Error):  # only a speed-up: another session may have refreshed it first
-        shutil.rmtree(staged, ignore_errors=True)
-
-
 @pytest.fixture(scope="module")
-def basic_server() -> Iterator[BasicServer]:
+def basic_server() -> Iterator[UiServer]:
     """`backprop ui --users FILE` (basic mode) on a free port with its own BACKPROPAGATE_HOME."""
-    if not Path(E2E.CHROMIUM).exists():
+    if not Path(CHROMIUM).exists():
         pytest.skip("Chromium is not installed at /usr/bin/chromium")
-    home = Path(tempfile.mkdtemp(prefix="backprop-e2e-login-"))
-    E2E._demo_models(home)
-    _copy_ui_cache(home / "ui")
-    users = home / "users.json"
-    _backprop(home, "users", "add", USER, "--password-stdin", "--file", str(users), stdin=PASSWORD + "\n")
-    assert USER in _backprop(home, "users", "list", "--json", "--file", str(users)).stdout
-    assert PASSWORD not in users.read_text()  # hashed, never stored in clear
-
-    port = E2E._free_port()
-    env = {**os.environ, "BACKPROPAGATE_HOME": str(home), "HF_HUB_OFFLINE": "1"}
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    ARTIFACTS.mkdir(exist_ok=True)
-    log = home / "e2e-login-server.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "backpropagate",
-                "ui",
-                "--port",
-                str(port),
-                "--no-browser",
-                "--users",
-                str(users),
-            ],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=env,
-            cwd=home,
-            start_new_session=True,
-        )
-    try:
-        deadline = time.monotonic() + 420  # a front end changed since the cache was built is rebuilt
-        while READY not in log.read_text(errors="replace"):
-            if proc.poll() is not None:
-                pytest.fail(f"backprop ui exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"backprop ui did not say it was running:\n{log.read_text()[-3000:]}")
-            time.sleep(0.5)
-        printed = log.read_text(errors="replace").split(READY, 1)[1].split()[0]
-        assert "token=" not in printed  # basic mode: accounts, no launch token
-        _refresh_ui_cache(home)
-        yield BasicServer(proc, printed.rstrip("/"), home, log)
-    finally:
-        shutil.copy(log, ARTIFACTS / "e2e-login-server.log")
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-        shutil.rmtree(home, ignore_errors=True)
+    with prepared_home("backprop-e2e-login-") as home:
+        users = home / "users.json"
+        _backprop(home, "users", "add", USER, "--password-stdin", "--file", str(users), stdin=PASSWORD + "\n")
+        assert USER in _backprop(home, "users", "list", "--json", "--file", str(users)).stdout
+        assert PASSWORD not in users.read_text()  # hashed, never stored in clear
+        with running_ui(home, "--users", str(users), log_name="e2e-login-server.log") as server:
+            assert "token=" not in server.login_url  # basic mode: accounts, no launch token
+            refresh_ui_cache(home)
+            yield server
 
 
 @pytest.fixture(scope="module")
-def page(browser: Browser, basic_server: BasicServer) -> Iterator[Page]:
+def page(browser: Browser, basic_server: UiServer) -> Iterator[Page]:
     """One page for the module, signed out at first (the steps build on each other)."""
     context = browser.new_context(viewport={"width": 1280, "height": 900})
     yield context.new_page()
@@ -207,7 +97,7 @@ def shot(target: Page, name: str, selector: str | None = None) -> None:
 
 
 def test_login_page_refuses_a_wrong_password_and_signs_in_by_keyboard(
-    page: Page, basic_server: BasicServer
+    page: Page, basic_server: UiServer
 ) -> None:
     base = basic_server.base
     page.goto(base + "/")
@@ -258,9 +148,7 @@ def test_header_shows_the_mode_and_the_user_as_text(page: Page) -> None:
     page.set_viewport_size({"width": 1280, "height": 900})
 
 
-def test_pages_tour_without_console_errors_and_a_live_runs_list(
-    page: Page, basic_server: BasicServer
-) -> None:
+def test_pages_tour_without_console_errors_and_a_live_runs_list(page: Page, basic_server: UiServer) -> None:
     base = basic_server.base
     problems = Problems(base)
     page.on("console", problems.console)
@@ -300,7 +188,7 @@ def test_pages_tour_without_console_errors_and_a_live_runs_list(
     assert problems.seen == []
 
 
-def test_logout_returns_to_login_and_ends_the_session(page: Page, basic_server: BasicServer) -> None:
+def test_logout_returns_to_login_and_ends_the_session(page: Page, basic_server: UiServer) -> None:
     base = basic_server.base
     page.get_by_role("button", name="Log out").click()
     page.wait_for_url(base + "/login**")
