@@ -15,7 +15,7 @@ import reflex as rx
 
 from backpropagate.errors import BackpropError
 from ui_app.state import service
-from ui_app.state.export import STAGE_NAMES, error_text, export_jobs, start_export
+from ui_app.state.export import export_jobs, job_view, start_export
 
 NONE = "none"  # the select value for "no second model" (a select item cannot have an empty value)
 PUSH_EVERY_S = 0.25  # at most four pushes a second while replies stream
@@ -165,13 +165,13 @@ class ChatState(rx.State):
                 picked["run_id"], "gguf", picked["quantization"], bool(picked["verify"]), base_model=True
             )
             while True:
+                view = job_view(state)  # the Export page's reading of a job's state
                 async with self:
-                    self.base_id = state["id"]
-                    self.base_status = state["status"]
-                    self.base_stage = STAGE_NAMES.get(state.get("stage") or "", state.get("stage") or "")
-                    self.base_percent = round(100 * float(state.get("progress") or 0))
-                    error, hint = error_text(state.get("error"))
-                    self.base_error = f"{error} hint: {hint}" if hint else error
+                    self.base_id, self.base_status = view["id"], view["status"]
+                    self.base_stage, self.base_percent = view["stage"], view["percent"]
+                    self.base_error = (
+                        f"{view['error']} hint: {view['hint']}" if view["hint"] else view["error"]
+                    )
                 if state["status"] != "running":
                     break
                 await asyncio.sleep(POLL_S)
