@@ -34,6 +34,15 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 
+# A first run on a demo model should show the loss falling within seconds on any CPU. Every door
+# (CLI, API, web form, Python) fills these in for the fields the user left unset, after a preset.
+DEMO_DEFAULTS: dict[str, Any] = {"batch_size": 1, "grad_accum": 1, "lr": 1e-3}
+DEMO_STEPS = 30  # when neither steps nor epochs is given
+
+
+def is_demo_model(model: Any) -> bool:
+    return isinstance(model, str) and model.startswith("demo")
+
 
 class RunConfig(BaseModel):
     """A complete description of one training run."""
@@ -127,10 +136,19 @@ class RunConfig(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _apply_preset(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("preset") in PRESETS:
+        if not isinstance(data, dict):
+            return data
+        if data.get("preset") in PRESETS:
             filled = dict(PRESETS[data["preset"]])
             filled.update({k: v for k, v in data.items() if v is not None or k not in filled})
-            return filled
+            data = filled
+        if is_demo_model(data.get("model", "demo")):
+            data = dict(data)
+            for key, value in DEMO_DEFAULTS.items():
+                if data.get(key) is None:
+                    data[key] = value
+            if data.get("steps") is None and data.get("epochs") is None:
+                data["steps"] = DEMO_STEPS
         return data
 
     @model_validator(mode="after")

@@ -20,7 +20,7 @@ from typing import Any
 
 from backpropagate.config import RunConfig
 from backpropagate.errors import BackpropError, ErrorCode
-from backpropagate.events import EventBase, EventLog
+from backpropagate.events import EventBase
 from backpropagate.logs import get_logger
 from backpropagate.settings import get_settings
 from backpropagate.training.result import TrainResult
@@ -70,7 +70,7 @@ class Trainer:
         callbacks: Iterable[Callback] | None = None,
     ) -> TrainResult:
         """Train on ``data`` (file, folder or hub id); ``callbacks`` receive every event as it happens."""
-        from backpropagate.training import run_training
+        from backpropagate.runs.foreground import train_in_process
 
         config = self.make_config(data, steps, epochs)
         run_id = new_run_id()
@@ -80,14 +80,12 @@ class Trainer:
         log = self._log.bind(run_id=run_id)
         log.info("training %s on %s in %s", config.model, config.data, run_dir)
         hooks = list(callbacks or [])
-        with EventLog(run_dir / "events.jsonl", run_id) as events:
 
-            def emit(event: EventBase) -> None:
-                stamped = events.append(event)
-                for hook in hooks:
-                    hook(stamped)
+        def on_event(event: EventBase) -> None:
+            for hook in hooks:
+                hook(event)
 
-            result = run_training(config, run_dir, emit)
+        result = train_in_process(config, run_dir, on_event)
         self.config, self.result = config, result
         log.info("run %s: %s at step %d, loss %s", run_id, result.status, result.step, result.final_loss)
         return result

@@ -8,9 +8,27 @@ from backpropagate.settings import Settings
 
 
 def test_defaults_are_sane():
-    cfg = RunConfig(data="x.jsonl")
-    assert cfg.model == "demo" and cfg.method == "lora" and cfg.train_on == "responses"
+    cfg = RunConfig(data="x.jsonl", model="org/model")
+    assert cfg.method == "lora" and cfg.train_on == "responses"
     assert cfg.packing and cfg.oom_recovery and cfg.effective_batch_size == 8
+    assert RunConfig(data="x.jsonl").model == "demo"
+
+
+def test_demo_defaults_are_the_same_through_every_door():
+    """A demo run is sized for a CPU whether or not steps are given, and a preset's lr wins."""
+    from backpropagate.config import DEMO_DEFAULTS, DEMO_STEPS
+
+    bare = RunConfig(data="x.jsonl")
+    with_steps = RunConfig.parse({"data": "x.jsonl", "model": "demo-llama", "steps": 80})
+    for cfg in (bare, with_steps):
+        assert (cfg.batch_size, cfg.grad_accum, cfg.lr) == tuple(DEMO_DEFAULTS.values())
+    assert bare.steps == DEMO_STEPS and with_steps.steps == 80
+    assert RunConfig(data="x", epochs=2).steps is None  # epochs given: no step count imposed
+    given = RunConfig(data="x", batch_size=4, grad_accum=2, lr=5e-4)
+    assert (given.batch_size, given.grad_accum, given.lr) == (4, 2, 5e-4)
+    assert RunConfig(data="x", preset="quality").lr == 1e-4
+    saved = RunConfig.model_validate_json(bare.model_dump_json())
+    assert saved == bare  # a saved config loads back unchanged
 
 
 def test_all_problems_reported_at_once():

@@ -1,131 +1,193 @@
-"""`backprop train`: fine-tune in this process, with a progress bar on stderr and the result on stdout."""
+"""`backprop train`: fine-tune in this process, with a progress bar on stderr and the result on stdout.
+
+Its options are generated from RunConfig: every field is a `--field-name` option with the field's
+description as help and its Literal values as choices. CLI-only conveniences (short names, the
+`--output` spelling, comma-separated lists) are declared once in ``OPTION_NAMES`` and ``_from_text``.
+"""
 
 from __future__ import annotations
 
+import inspect
 import json
 import signal
 import sys
+import types
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import typer
 
+from backpropagate.config import RunConfig
 from backpropagate.errors import BackpropError, ErrorCode
 
-# A first run on a demo model should show the loss falling within seconds on any CPU.
-DEMO_DEFAULTS: dict[str, Any] = {"steps": 30, "batch_size": 1, "grad_accum": 1, "lr": 1e-3}
+# CLI spellings that differ from `--field-name`, and short names (one place, shared by help and docs).
+OPTION_NAMES: dict[str, tuple[str, ...]] = {
+    "model": ("--model", "-m"),
+    "data": ("--data", "-d"),
+    "output_dir": ("--output", "-o"),
+}
+# Shown on the help page: options people reach for first.
+EXAMPLES = """Examples:
+
+  backprop train --model demo --data examples/quickstart.jsonl
+
+  backprop train -m Qwen/Qwen2.5-0.5B-Instruct -d chats.jsonl --steps 200 --batch-size auto
+
+  backprop train --resume RUN_ID
+"""
 
 
-def _batch_size(text: str | None) -> int | str | None:
-    if text is None or text == "auto":
-        return text
-    try:
-        return int(text)
-    except ValueError:
-        return text  # RunConfig reports it with the other problems
+def option_name(field: str) -> str:
+    """The long option of a RunConfig field: ``lora_r`` -> ``--lora-r``."""
+    return OPTION_NAMES.get(field, ("--" + field.replace("_", "-"),))[0]
 
 
-def _modules(text: str | None) -> str | list[str] | None:
-    if text is None or text == "all-linear":
-        return text
-    return [part.strip() for part in text.split(",") if part.strip()]
+def _members(annotation: Any) -> list[Any]:
+    """The non-None members of a (possibly Optional/union) annotation."""
+    if get_origin(annotation) in (Union, types.UnionType):
+        return [arg for arg in get_args(annotation) if arg is not type(None)]
+    return [annotation]
 
 
-def build_config(options: dict[str, Any]) -> Any:
+def _literal_values(annotation: Any) -> list[Any]:
+    values: list[Any] = []
+    for member in _members(annotation):
+        if get_origin(member) is Literal:
+            values.extend(get_args(member))
+    return values
+
+
+def _cli_type(annotation: Any) -> Any:
+    """The type typer parses a field as: plain types as they are, every mixed union as text."""
+    members = _members(annotation)
+    if len(members) == 1:
+        only = members[0]
+        if only in (bool, int, float, str) or get_origin(only) is Literal:
+            return only
+    return str  # e.g. `int | "auto"`, `list[str] | "all-linear"`: RunConfig parses the text
+
+
+def _from_text(field: str, value: Any) -> Any:
+    """Turn a mixed-union option's text into what RunConfig expects (lists from commas)."""
+    if not isinstance(value, str):
+        return value
+    annotation = RunConfig.model_fields[field].annotation
+    if value in _literal_values(annotation):
+        return value
+    if any(get_origin(m) is list for m in _members(annotation)):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value  # "2" for `int | "auto"`: pydantic's lax mode makes it an int
+
+
+def _metavar(annotation: Any) -> str | None:
+    """``auto|INT``, ``all-linear|NAME,...``, ``auto|true|false`` for mixed unions; None otherwise."""
+    if _cli_type(annotation) is not str or len(_members(annotation)) == 1:
+        return None
+    words = [str(v) for v in _literal_values(annotation)]
+    for member in _members(annotation):
+        if member is bool:
+            words += ["true", "false"]
+        elif member is int:
+            words.append("INT")
+        elif get_origin(member) is list:
+            words.append("NAME,...")
+    return "|".join(words)
+
+
+def _help(field: str) -> str:
+    info = RunConfig.model_fields[field]
+    text = (info.description or "").replace("`", "")
+    if not info.is_required() and info.default is not None:
+        text += f" (default: {info.default})"
+    return text
+
+
+def config_parameters() -> list[inspect.Parameter]:
+    """One typer option per RunConfig field, all defaulting to None (= not given)."""
+    params = []
+    for field, info in RunConfig.model_fields.items():
+        kind = _cli_type(info.annotation)
+        names = OPTION_NAMES.get(field, (option_name(field),))
+        if kind is bool:
+            names = (f"{names[0]}/--no-{names[0][2:]}", *names[1:])
+        panel = "Run configuration"
+        option = typer.Option(
+            *names, help=_help(field), metavar=_metavar(info.annotation), show_default=False,
+            rich_help_panel=panel,
+        )
+        params.append(
+            inspect.Parameter(
+                field, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[kind | None, option]
+            )
+        )
+    return params
+
+
+def build_config(options: dict[str, Any]) -> RunConfig:
     """A RunConfig from the options the user gave (None = not given, so presets and defaults apply)."""
-    from backpropagate.config import RunConfig
-
-    fields = {k: v for k, v in options.items() if v is not None}
+    fields = {k: _from_text(k, v) for k, v in options.items() if v is not None}
     for key in ("model", "data", "eval_data"):  # the saved config must work from any directory
-        if key == "model" and fields.get(key, "").startswith("demo"):
+        if key == "model" and str(fields.get(key, "")).startswith("demo"):
             continue  # demo names win over a folder of the same name, as in resolve_model
         if key in fields and Path(fields[key]).expanduser().exists():
             fields[key] = str(Path(fields[key]).expanduser().resolve())
-    model = fields.get("model", "demo")
-    if model.startswith("demo") and "steps" not in fields and "epochs" not in fields:
-        for key, value in DEMO_DEFAULTS.items():
-            if key not in fields and not (key == "lr" and "preset" in fields):
-                fields[key] = value
     return RunConfig.parse(fields)
 
 
-def register(app: typer.Typer) -> None:
-    @app.command()
-    def train(
-        model: str = typer.Option(None, "--model", "-m", help="`demo`, a local folder or a hub id."),
-        data: str = typer.Option(None, "--data", "-d", help="Training data: file, folder or hub id."),
-        steps: int = typer.Option(None, help="Optimizer steps (overrides --epochs)."),
-        epochs: float = typer.Option(None, help="Passes over the data."),
-        batch_size: str = typer.Option(None, "--batch-size", help="Micro-batch per device, or `auto`."),
-        grad_accum: int = typer.Option(None, "--grad-accum", help="Micro-batches per optimizer step."),
-        lr: float = typer.Option(None, help="Peak learning rate."),
-        max_seq_len: int = typer.Option(None, "--max-seq-len", help="Longest sequence in tokens."),
-        lora_r: int = typer.Option(None, "--lora-r", help="LoRA rank."),
-        lora_alpha: float = typer.Option(None, "--lora-alpha", help="LoRA alpha."),
-        method: str = typer.Option(None, help="lora, qlora (GPU) or full."),
-        preset: str = typer.Option(None, help="fast, balanced or quality."),
-        output: str = typer.Option(None, "--output", "-o", help="Where the adapter goes."),
-        resume: str = typer.Option(None, "--resume", help="Continue run RUN_ID from its last checkpoint."),
-        seed: int = typer.Option(None, help="Seed for data order and initialisation."),
-        eval_fraction: float = typer.Option(None, "--eval-fraction", help="Held-out share of rows."),
-        eval_every: int = typer.Option(None, "--eval-every", help="Evaluate every N steps."),
-        save_every: int = typer.Option(None, "--save-every", help="Checkpoint every N steps."),
-        packing: bool = typer.Option(None, "--packing/--no-packing", help="Pack short examples."),
-        device: str = typer.Option(None, help="auto, cpu or cuda."),
-        backend: str = typer.Option(None, help="auto, unsloth or transformers."),
-        name: str = typer.Option(None, help="A label for the run."),
-        eval_data: str = typer.Option(None, "--eval-data", help="Separate evaluation data."),
-        data_format: str = typer.Option(None, "--data-format", help="auto, sharegpt, openai, alpaca, text."),
-        skip_bad_rows: bool = typer.Option(None, "--skip-bad-rows", help="Skip and count malformed rows."),
-        train_on: str = typer.Option(None, "--train-on", help="responses (default) or all tokens."),
-        lora_dropout: float = typer.Option(None, "--lora-dropout", help="Dropout on the LoRA path."),
-        target_modules: str = typer.Option(
-            None, "--target-modules", help="`all-linear` or comma-separated module names."
-        ),
-        lr_scheduler: str = typer.Option(None, "--lr-scheduler", help="cosine, linear or constant."),
-        warmup_ratio: float = typer.Option(None, "--warmup-ratio", help="Share of steps warming up."),
-        precision: str = typer.Option(None, help="auto, bf16, fp16 or fp32."),
-        keep_checkpoints: int = typer.Option(None, "--keep-checkpoints", help="Checkpoints kept (+ best)."),
-        config_file: Path = typer.Option(None, "--config", help="A run configuration (JSON) to start from."),
-        as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
-    ) -> None:
-        """Fine-tune a model on your data; the adapter lands in the run folder (or --output).
+def _train(
+    resume: str | None, config_file: Path | None, as_json: bool, options: dict[str, Any]
+) -> None:
+    if config_file is not None:
+        try:
+            base = json.loads(config_file.read_text())
+        except (OSError, ValueError) as exc:
+            raise BackpropError(ErrorCode.CONFIG_INVALID, f"Cannot read --config {config_file}: {exc}") from None
+        options = {**base, **{k: v for k, v in options.items() if v is not None}}
+    config, run_dir = _config_and_run_dir(options, resume)
+    result = _run(config, run_dir)
+    if as_json:
+        print(json.dumps(result.to_dict(), default=str))
+    elif result.status == "cancelled":
+        print(f"stopped at step {result.step}; resume with: backprop train --resume {result.run_id}")
+        raise typer.Exit(130)  # the shell's convention for "interrupted by Ctrl-C"
+    else:
+        loss = f"{result.final_loss:.4f}" if result.final_loss is not None else "-"
+        evl = f", eval loss {result.eval_loss:.4f}" if result.eval_loss is not None else ""
+        print(f"run {result.run_id}: {result.step} steps, loss {loss}{evl}")
+        print(f"adapter: {result.adapter_path}")
 
-        With a demo model and neither --steps nor --epochs, the run is 30 short steps
-        (micro-batch 1, lr 1e-3) so that a first try finishes in seconds on a CPU.
-        --config FILE reads a saved run configuration (JSON); flags given override it.
-        """
-        options = {
-            "model": model, "data": data, "steps": steps, "epochs": epochs,
-            "batch_size": _batch_size(batch_size), "grad_accum": grad_accum, "lr": lr,
-            "max_seq_len": max_seq_len, "lora_r": lora_r, "lora_alpha": lora_alpha, "method": method,
-            "preset": preset, "output_dir": output, "seed": seed, "eval_fraction": eval_fraction,
-            "eval_every": eval_every, "save_every": save_every, "packing": packing, "device": device,
-            "backend": backend, "name": name, "eval_data": eval_data, "data_format": data_format,
-            "skip_bad_rows": skip_bad_rows, "train_on": train_on, "lora_dropout": lora_dropout,
-            "target_modules": _modules(target_modules), "lr_scheduler": lr_scheduler,
-            "warmup_ratio": warmup_ratio, "precision": precision, "keep_checkpoints": keep_checkpoints,
-        }  # fmt: skip
-        if config_file is not None:
-            try:
-                base = json.loads(config_file.read_text())
-            except (OSError, ValueError) as exc:
-                raise BackpropError(
-                    ErrorCode.CONFIG_INVALID, f"Cannot read --config {config_file}: {exc}"
-                ) from None
-            options = {**base, **{k: v for k, v in options.items() if v is not None}}
-        config, run_dir = _config_and_run_dir(options, resume)
-        result = _run(config, run_dir)
-        if as_json:
-            print(json.dumps(result.to_dict(), default=str))
-        elif result.status == "cancelled":
-            print(f"stopped at step {result.step}; resume with: backprop train --resume {result.run_id}")
-            raise typer.Exit(130)  # the shell's convention for "interrupted by Ctrl-C"
-        else:
-            loss = f"{result.final_loss:.4f}" if result.final_loss is not None else "-"
-            evl = f", eval loss {result.eval_loss:.4f}" if result.eval_loss is not None else ""
-            print(f"run {result.run_id}: {result.step} steps, loss {loss}{evl}")
-            print(f"adapter: {result.adapter_path}")
+
+def train(
+    resume: str | None = None, config_file: Path | None = None, as_json: bool = False, **options: Any
+) -> None:
+    """Fine-tune a model on your data; the adapter lands in the run folder (or --output).
+
+    Every run configuration field is an option (docs/configuration.md). With a demo model the unset batch size, accumulation and learning rate are sized for a CPU, and without --steps or --epochs the run is 30 steps, so a first try finishes in seconds.
+
+    --config FILE reads a saved run configuration (JSON); flags given override it.
+    """
+    _train(resume, config_file, as_json, options)
+
+
+_EXTRA = [
+    inspect.Parameter(
+        "resume", inspect.Parameter.KEYWORD_ONLY, default=None,
+        annotation=Annotated[str | None, typer.Option("--resume", help="Continue run RUN_ID from its last checkpoint.")],
+    ),
+    inspect.Parameter(
+        "config_file", inspect.Parameter.KEYWORD_ONLY, default=None,
+        annotation=Annotated[Path | None, typer.Option("--config", help="A run configuration (JSON) to start from.")],
+    ),
+    inspect.Parameter(
+        "as_json", inspect.Parameter.KEYWORD_ONLY, default=False,
+        annotation=Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")],
+    ),
+]  # fmt: skip
+train.__signature__ = inspect.Signature(config_parameters() + _EXTRA)  # type: ignore[attr-defined]
+
+
+def register(app: typer.Typer) -> None:
+    app.command(epilog=EXAMPLES)(train)
 
 
 def _config_and_run_dir(options: dict[str, Any], resume: str | None) -> tuple[Any, Path]:
@@ -156,8 +218,7 @@ def _run(config: Any, run_dir: Path) -> Any:
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from backpropagate.events import EventLog
-    from backpropagate.training import run_training
+    from backpropagate.runs.foreground import train_in_process
     from backpropagate.training.control import RunControl
 
     _quiet_libraries()
@@ -185,10 +246,9 @@ def _run(config: Any, run_dir: Path) -> Any:
     task = progress.add_task("loading", total=None, info="", steps="")
     console.print(f"run {run_dir.name} in {run_dir}")
     try:
-        with progress, EventLog(run_dir / "events.jsonl", run_dir.name) as events:
+        with progress:
 
-            def emit(event: Any) -> None:
-                event = events.append(event)
+            def show(event: Any) -> None:
                 kind = event.type
                 if kind == "status":
                     progress.update(task, description=event.phase or event.status)
@@ -213,7 +273,10 @@ def _run(config: Any, run_dir: Path) -> Any:
                 elif kind == "checkpoint":
                     progress.console.print(f"checkpoint: {event.path}", style="dim")
 
-            return run_training(config, run_dir, emit, control)
+            return train_in_process(config, run_dir, show, control)
+    except KeyboardInterrupt:
+        console.print(f"aborted; resume from the last checkpoint with: backprop train --resume {run_dir.name}")
+        raise
     finally:
         signal.signal(signal.SIGINT, previous)
 
