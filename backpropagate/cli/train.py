@@ -162,7 +162,7 @@ def train(
 ) -> None:
     """Fine-tune a model on your data; the adapter lands in the run folder (or --output).
 
-    Every run configuration field is an option (docs/configuration.md). With a demo model the unset batch size, accumulation and learning rate are sized for a CPU, and without --steps or --epochs the run is 30 steps, so a first try finishes in seconds.
+    Every run configuration field is an option (docs/configuration.md). With a demo model the unset batch size, accumulation and learning rate are sized for a CPU, and without --steps or --epochs the run is 150 steps, so a first try visibly learns in seconds.
 
     --config FILE reads a saved run configuration (JSON); flags given override it.
     """
