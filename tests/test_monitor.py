@@ -5,11 +5,11 @@ import time
 
 import pytest
 
-from backpropagate import monitor as monitor_mod
 from backpropagate.config import RunConfig
 from backpropagate.gpu import ReplaySource
-from backpropagate.monitor import GpuMonitor, start_monitor
+from backpropagate.training import monitor as monitor_mod
 from backpropagate.training.control import RunControl
+from backpropagate.training.monitor import GpuMonitor, start_monitor
 
 
 def _run(trace, **cfg):

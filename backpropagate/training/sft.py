@@ -546,10 +546,8 @@ def _mean_rate(history: list[dict[str, Any]]) -> float | None:
 
 
 def _start_monitor(config: RunConfig, emit: Emit, control: RunControl) -> Any:
-    try:
-        from backpropagate.monitor import start_monitor
-    except ImportError:
-        return None
+    from backpropagate.training.monitor import start_monitor
+
     return start_monitor(config, emit, control)
 
 
