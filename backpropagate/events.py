@@ -12,6 +12,7 @@ import os
 import threading
 import time
 from collections.abc import Iterator
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -19,8 +20,24 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 SCHEMA_VERSION = 1
 
-RunStatus = Literal["queued", "running", "paused", "completed", "failed", "cancelled", "interrupted"]
-TERMINAL_STATUSES: frozenset[str] = frozenset({"completed", "failed", "cancelled", "interrupted"})
+
+
+class RunStatus(StrEnum):
+    """The one status vocabulary of a run: the store, the API, the CLI and the web app use it."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    PAUSED = "paused"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    INTERRUPTED = "interrupted"
+
+
+S = RunStatus
+ACTIVE_STATUSES: frozenset[RunStatus] = frozenset({S.QUEUED, S.RUNNING, S.PAUSED})
+RESUMABLE_STATUSES: frozenset[RunStatus] = frozenset({S.CANCELLED, S.FAILED, S.INTERRUPTED})
+TERMINAL_STATUSES: frozenset[RunStatus] = frozenset({S.COMPLETED, S.FAILED, S.CANCELLED, S.INTERRUPTED})
 
 
 class EventBase(BaseModel):
