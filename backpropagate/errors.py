@@ -38,6 +38,7 @@ class ErrorCode(StrEnum):
     DEP_MODEL_LOAD_FAILED = "DEP_MODEL_LOAD_FAILED"
     DEP_GPU_NOT_AVAILABLE = "DEP_GPU_NOT_AVAILABLE"
     DEP_MLX_UNAVAILABLE = "DEP_MLX_UNAVAILABLE"
+    DEP_TRACKER_MISSING = "DEP_TRACKER_MISSING"
     DEP_UNSLOTH_UNAVAILABLE = "DEP_UNSLOTH_UNAVAILABLE"
     DEP_EXTRA_MISSING = "DEP_EXTRA_MISSING"
     DEP_LLAMA_CPP_MISSING = "DEP_LLAMA_CPP_MISSING"
@@ -56,10 +57,12 @@ class ErrorCode(StrEnum):
     RUNTIME_UI_AUTH_NOT_ENFORCED = "RUNTIME_UI_AUTH_NOT_ENFORCED"
     RUNTIME_UI_BUILD_FAILED = "RUNTIME_UI_BUILD_FAILED"
     RUNTIME_INTERNAL = "RUNTIME_INTERNAL"
+    RUNTIME_SERVER_UNREACHABLE = "RUNTIME_SERVER_UNREACHABLE"
     # State
     STATE_CHECKPOINT_INVALID = "STATE_CHECKPOINT_INVALID"
     STATE_RUN_NOT_FOUND = "STATE_RUN_NOT_FOUND"
     STATE_RUN_NOT_RESUMABLE = "STATE_RUN_NOT_RESUMABLE"
+    STATE_RUN_NOT_ACTIVE = "STATE_RUN_NOT_ACTIVE"
     STATE_RUN_ACTIVE = "STATE_RUN_ACTIVE"
     STATE_RUN_NOT_EXPORTABLE = "STATE_RUN_NOT_EXPORTABLE"
     STATE_NOT_FOUND = "STATE_NOT_FOUND"
@@ -160,6 +163,11 @@ CATALOG: dict[ErrorCode, ErrorSpec] = {
         "Use the transformers backend, or install mlx-lm on an Apple silicon Mac.",
         http_status=424,
     ),
+    C.DEP_TRACKER_MISSING: ErrorSpec(
+        "An experiment tracker named in report_to is not installed.",
+        "Install the tracker's package (the message names the command), or remove it from report_to.",
+        http_status=424,
+    ),
     C.DEP_UNSLOTH_UNAVAILABLE: ErrorSpec(
         "Unsloth could not be loaded and the fallback is off.",
         "Install it with `pip install 'backpropagate[unsloth]'` on a CUDA machine, "
@@ -257,6 +265,12 @@ CATALOG: dict[ErrorCode, ErrorSpec] = {
         retryable=True,
         http_status=500,
     ),
+    C.RUNTIME_SERVER_UNREACHABLE: ErrorSpec(
+        "The server named by --url could not be reached.",
+        "Is `backprop serve-api` or `backprop ui` running at that URL? Check the host and port.",
+        retryable=True,
+        http_status=503,
+    ),
     C.STATE_CHECKPOINT_INVALID: ErrorSpec(
         "A checkpoint is missing, partial or corrupted.",
         "The previous good checkpoint is used; delete the broken folder named in the message.",
@@ -270,6 +284,11 @@ CATALOG: dict[ErrorCode, ErrorSpec] = {
     C.STATE_RUN_NOT_RESUMABLE: ErrorSpec(
         "This run cannot be resumed.",
         "Only stopped, failed or interrupted runs resume; completed runs can be cloned.",
+        http_status=409,
+    ),
+    C.STATE_RUN_NOT_ACTIVE: ErrorSpec(
+        "The run is not running, so there is nothing to stop.",
+        "Only running or paused runs can be stopped; `backprop runs show ID` gives its status.",
         http_status=409,
     ),
     C.STATE_RUN_ACTIVE: ErrorSpec(

@@ -6,12 +6,33 @@
 
 from __future__ import annotations
 
+import contextvars
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
 from typing import Any, TextIO
+
+_run_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("backpropagate_run_id", default=None)
+
+
+def bind_run_id(run_id: str | None) -> None:
+    """Stamp every later record of this context (a worker: the whole process) with ``run_id``."""
+    _run_id.set(run_id)
+
+
+class RunIdFilter(logging.Filter):
+    """Adds the bound run id to records that do not carry one already."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        run_id = _run_id.get()
+        bound = dict(getattr(record, "bound", {}) or {})
+        if run_id is not None and bound.get("run_id") is None:
+            bound = {"run_id": run_id, **bound}
+        record.bound = bound
+        return True
 
 
 class RunLogger(logging.LoggerAdapter):
@@ -67,6 +88,29 @@ def setup_logging(
         logging.FileHandler(file) if file else logging.StreamHandler(stream or sys.stderr)
     )
     handler.setFormatter(JsonFormatter() if json_lines else TextFormatter())
+    handler.addFilter(RunIdFilter())
     root.addHandler(handler)
     root.setLevel(level.upper())
-    root.propagate = False
+    root.propagate = True  # pytest and embedding apps still see the records
+
+
+def configure_from_settings(process: str | None = None, run_id: str | None = None) -> None:
+    """Configure this process's logging from Settings (BACKPROPAGATE_LOG_LEVEL, _LOG_JSON).
+
+    Called once at every entry point (CLI, server, worker); ``run_id`` binds every line to a run.
+    A ``process`` name logs one "started" line (long-lived processes; the CLI passes none).
+    An invalid level falls back to INFO with a warning rather than stopping the process.
+    """
+    from backpropagate.settings import get_settings
+
+    settings = get_settings()
+    level = settings.log_level.upper()
+    valid = level in logging.getLevelNamesMapping()
+    bind_run_id(run_id)
+    setup_logging(level if valid else "INFO", json_lines=settings.log_json)
+    log = get_logger("backpropagate.logs")
+    if not valid:
+        log.warning("unknown BACKPROPAGATE_LOG_LEVEL %r; using INFO", settings.log_level)
+    log.debug("logging configured: level=%s json=%s", level, settings.log_json)
+    if process:
+        log.info("%s started (pid %d)", process, os.getpid())

@@ -7,13 +7,19 @@ them and wires them up. Modules import torch and friends only inside their comma
 
 from __future__ import annotations
 
+import csv
+import errno
 import importlib
+import json
 import pkgutil
 import sys
+import time
+import traceback
+from pathlib import Path
 
 import typer
 
-from backpropagate.errors import BackpropError
+from backpropagate.errors import BackpropError, ErrorCode
 
 app = typer.Typer(
     name="backprop",
@@ -34,30 +40,109 @@ def _register_commands() -> None:
             register(app)
 
 
-@app.callback()
-def _root() -> None:
+def _print_version(value: bool) -> None:
+    if value:
+        from backpropagate import __version__
+
+        print(f"backprop {__version__}")
+        raise typer.Exit()
+
+
+@app.callback(epilog="Example: backprop train --demo    |    backprop --verbose runs list")
+def _root(
+    version: bool = typer.Option(
+        False, "--version", is_eager=True, callback=_print_version, help="Print the version and exit."
+    ),
+    verbose: bool = typer.Option(False, "--verbose", help="Print full tracebacks of unexpected errors."),
+) -> None:
     """Fine-tune language models on your own GPU: web app, CLI and Python library."""
 
 
 _register_commands()
 
 
-def report_error(err: BackpropError) -> None:
-    """Print a catalogued error the way every command does: ``[CODE] message`` then the hint."""
+def report_error(err: BackpropError, as_json: bool = False) -> None:
+    """Print a catalogued error the way every command does: ``[CODE] message`` then the hint.
+
+    With ``as_json`` it is one JSON object on stdout: ``{"error": {"code", "message", "hint"}}``.
+    """
+    if as_json:
+        print(json.dumps({"error": {"code": str(err.code), "message": err.message, "hint": err.hint}}))
+        return
     print(f"[{err.code}] {err.message}", file=sys.stderr)
     if err.hint:
         print(f"hint: {err.hint}", file=sys.stderr)
 
 
-def main() -> None:
-    """Console entry point: catalogued errors exit 1 with their code; usage errors exit 2."""
+def _save_traceback(exc: BaseException) -> Path | None:
+    """Write the traceback under BACKPROPAGATE_HOME/logs (or the temp folder); None if neither can."""
+    import tempfile
+
+    text = "".join(traceback.format_exception(exc))
+    name = f"cli-error-{time.strftime('%Y%m%d-%H%M%S')}.log"
+    for folder in (_home() / "logs", Path(tempfile.gettempdir())):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / name).write_text(f"backprop {' '.join(sys.argv[1:])}\n{text}")
+            return folder / name
+        except OSError:
+            continue
+    return None
+
+
+def _home() -> Path:
     try:
+        from backpropagate.settings import get_settings
+
+        return get_settings().home
+    except Exception:  # noqa: BLE001 - broken settings must not hide the error being reported
+        return Path.home() / ".backpropagate"
+
+
+def to_catalog(exc: Exception) -> BackpropError:
+    """The catalogued error for an exception nobody caught; the traceback goes to a log file."""
+    line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        code = getattr(ErrorCode, "RUNTIME_DISK_FULL", ErrorCode.RUNTIME_INTERNAL)
+        where = f" writing {exc.filename}" if exc.filename else ""
+        hint = (
+            None
+            if code != ErrorCode.RUNTIME_INTERNAL
+            else "Free disk space (or move BACKPROPAGATE_HOME) and retry."
+        )
+        return BackpropError(code, f"No space left on device{where}.", hint=hint)
+    if isinstance(exc, csv.Error):
+        return BackpropError(ErrorCode.DATASET_PARSE_FAILED, f"CSV could not be parsed: {line}")
+    path = _save_traceback(exc)
+    where = f"the traceback is in {path}; " if path else ""
+    return BackpropError(
+        ErrorCode.RUNTIME_INTERNAL,
+        f"{type(exc).__name__}: {line}",
+        hint=f"{where}rerun with `backprop --verbose ...` to print it, and report it with that log.",
+    )
+
+
+def main() -> None:
+    """Console entry point: every error exits 1 with a catalog code; usage errors exit 2."""
+    args = sys.argv[1:]
+    as_json, verbose = "--json" in args, "--verbose" in args
+    try:
+        from backpropagate.logs import configure_from_settings
+
+        configure_from_settings()
         app()
     except BackpropError as err:
-        report_error(err)
+        if verbose:
+            traceback.print_exc()
+        report_error(err, as_json)
         sys.exit(1)
     except KeyboardInterrupt:
         sys.exit(130)
+    except Exception as exc:  # noqa: BLE001 - the door: nothing leaves without a catalog code
+        if verbose:
+            traceback.print_exc()
+        report_error(to_catalog(exc), as_json)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -23,13 +23,22 @@ URL_HELP = "Talk to the API server at this URL (e.g. http://127.0.0.1:8000) inst
 COLUMNS = ("id", "name", "status", "step", "loss", "tokens_per_s", "created_at")
 
 
+def _unreachable(url: str, exc: BaseException) -> BackpropError:
+    return BackpropError(
+        ErrorCode.RUNTIME_SERVER_UNREACHABLE,
+        f"Could not reach {url} ({exc}); is `backprop serve-api` / `backprop ui` running?",
+    )
+
+
 def _api(method: str, url: str, path: str, **kw: Any) -> Any:
     import httpx
 
     try:
         resp = httpx.request(method, url.rstrip("/") + path, timeout=30, **kw)
+    except httpx.TransportError as exc:
+        raise _unreachable(url, exc) from exc
     except httpx.HTTPError as exc:
-        raise BackpropError(ErrorCode.RUNTIME_INTERNAL, f"Cannot reach the server at {url}: {exc}") from exc
+        raise BackpropError(ErrorCode.RUNTIME_INTERNAL, f"Request to {url} failed: {exc}") from exc
     if resp.status_code >= 400:
         try:
             body = resp.json()
@@ -110,7 +119,7 @@ def stop_cmd(run_id: str, url: str | None = typer.Option(None, "--url", help=URL
     run = _store().get_run(run_id)
     run_dir = get_settings().runs_dir.resolve() / run_id
     if run.status not in ("running", "paused") or not run.pid or not is_our_worker(run.pid, run_dir):
-        raise BackpropError(ErrorCode.STATE_RUN_NOT_RESUMABLE, f"Run {run_id} has no live worker ({run.status}).",
+        raise BackpropError(ErrorCode.STATE_RUN_NOT_ACTIVE, f"Run {run_id} has no live worker ({run.status}).",
                             hint="Only running runs can be stopped; queued runs are stopped through the server (--url).")  # fmt: skip
     os.killpg(run.pid, signal.SIGTERM)
     print(f"{run_id}: stop requested (pid {run.pid})", file=sys.stderr)
@@ -203,7 +212,11 @@ def _follow_ws(url: str, run_id: str, after: int):
     from websockets.sync.client import connect
 
     ws_url = url.replace("http://", "ws://", 1).replace("https://", "wss://", 1).rstrip("/")
-    with connect(f"{ws_url}/api/runs/{run_id}/events?after={after}") as ws:
+    try:
+        ws = connect(f"{ws_url}/api/runs/{run_id}/events?after={after}")
+    except OSError as exc:
+        raise _unreachable(url, exc) from exc
+    with ws:
         for message in ws:
             data = json.loads(message)
             if data.get("type") == "error" and "code" in data:
@@ -219,10 +232,15 @@ def watch(
     as_json: bool = typer.Option(False, "--json", help="Print each event as a JSON line to stdout."),
 ) -> None:
     """Follow a run's events with a progress bar until it ends."""
+    import itertools
+
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
     events = _follow_ws(url, run_id, after) if url else _follow_file(run_id, after)
+    # The first event before any bar is drawn: a missing run or server fails with its code alone.
+    first = next(events, None)
+    events = itertools.chain([first] if first is not None else [], events)
     final = None
     with Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
@@ -259,6 +277,23 @@ def watch(
         raise typer.Exit(1)
 
 
+def _check_port_free(host: str, port: int) -> None:
+    """Fail with the catalog's code (as `backprop ui` does) before uvicorn dies on a taken port."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise BackpropError(
+                ErrorCode.CONFIG_INVALID_SETTING,
+                f"port {port} on {host} is not available ({exc.strerror}); is another server running?",
+                hint="Stop the other server, or pass another --port.",
+            ) from None
+
+
 def serve_api(
     host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind (loopback only)."),
     port: int = typer.Option(8000, "--port", help="Port to listen on."),
@@ -277,6 +312,7 @@ def serve_api(
             f"serve-api has no authentication; refusing to bind {host}.",
             hint="Bind 127.0.0.1 and tunnel (ssh -L), or use `backprop ui --auth ...` for network access.",
         )
+    _check_port_free(host, port)
     import uvicorn
 
     from backpropagate.server.app import headless_app
