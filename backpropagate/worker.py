@@ -131,6 +131,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{run_dir}/config.json not found", file=sys.stderr)
         return 2
     _redirect_output(run_dir / "worker.log")
+    from backpropagate.logs import configure_from_settings
+
+    configure_from_settings("worker", run_id=read_run_id(run_dir))
     return run_worker(run_dir)
 
 

@@ -18,7 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from backpropagate import __version__
 from backpropagate.errors import BackpropError, ErrorCode
-from backpropagate.logs import get_logger
+from backpropagate.logs import configure_from_settings, get_logger
 from backpropagate.runs.hub import HEARTBEAT_S
 from backpropagate.runs.service import RunService
 from backpropagate.settings import Settings, get_settings
@@ -86,6 +86,7 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        configure_from_settings("server")
         svc = service or RunService(settings, **service_args)
         app.state.service = svc
         await svc.start()
