@@ -12,12 +12,13 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from backpropagate.errors import BackpropError, ErrorCode
 
 Method = Literal["lora", "qlora", "full"]
 Preset = Literal["fast", "balanced", "quality"]
+Tracker = Literal["tensorboard"]
 DataFormat = Literal["auto", "sharegpt", "openai", "alpaca", "text", "preference"]
 
 # Values a preset fills in for every field the user did not set explicitly.
@@ -106,6 +107,11 @@ class RunConfig(BaseModel):
     keep_checkpoints: int = Field(3, ge=1, description="Keep the last N checkpoints (plus the best).")
     log_every: int = Field(1, ge=1, description="Emit a step event every N optimizer steps.")
     output_dir: str | None = Field(None, description="Where the adapter goes (default: the run folder).")
+    report_to: list[Tracker] = Field(
+        default_factory=list,
+        description="Experiment trackers fed from the run's events: `tensorboard` writes under the "
+        "run folder's `tensorboard/` (none by default).",
+    )
 
     # Hardware and backend
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Train on the GPU if present.")
@@ -152,6 +158,14 @@ class RunConfig(BaseModel):
             if data.get("steps") is None and data.get("epochs") is None:
                 data["steps"] = DEMO_STEPS
         return data
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _split_trackers(cls, value: Any) -> Any:
+        """`tensorboard` or `a,b` from a form field or a flag, as a list."""
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
 
     @model_validator(mode="after")
     def _check_combinations(self) -> RunConfig:

@@ -76,10 +76,12 @@ def train_in_process(
     config: RunConfig, run_dir: Path, on_event: OnEvent | None = None, control: RunControl | None = None
 ) -> Any:
     """Train ``config`` in ``run_dir`` in this process, as a registered run; returns the TrainResult."""
+    from backpropagate.trackers import open_trackers
     from backpropagate.training import run_training
 
     run_dir = Path(run_dir)
     control = control or RunControl()
+    trackers = open_trackers(config, run_dir)  # a missing tracker fails here, before any loading
     sync = StoreSync(run_dir.name, config)
     last: dict[str, Any] = {"type": None, "step": None}
     with EventLog(run_dir / "events.jsonl", run_dir.name) as events:
@@ -89,6 +91,7 @@ def train_in_process(
             last["type"] = stamped.type  # type: ignore[attr-defined]
             last["step"] = getattr(stamped, "step", None) or last["step"]
             sync.push(stamped)
+            trackers.on_event(stamped)
             if on_event is not None:
                 on_event(stamped)
 
@@ -107,3 +110,4 @@ def train_in_process(
             raise
         finally:
             sync.flush()
+            trackers.close()
