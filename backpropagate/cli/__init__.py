@@ -58,7 +58,47 @@ def _root(
     """Fine-tune language models on your own GPU: web app, CLI and Python library."""
 
 
+# Examples for commands whose modules do not give one (the help test asks every command for one).
+FALLBACK_EXAMPLES = {
+    "export": "Example: backprop export RUN_ID --format gguf",
+    "serve": "Example: backprop serve RUN_ID --port 8080",
+    "chat": "Example: backprop chat RUN_ID",
+    "push": "Example: backprop push path/to/export --repo user/my-model",
+    "ollama": "Example: backprop ollama register RUN_ID --name my-model",
+    "ollama register": "Example: backprop ollama register RUN_ID --name my-model",
+    "ollama list": "Example: backprop ollama list",
+    "ollama rm": "Example: backprop ollama rm my-model",
+}
+
+
+def _add_fallback_examples(typer_app: typer.Typer, prefix: str = "") -> None:
+    for command in typer_app.registered_commands:
+        name = prefix + (command.name or command.callback.__name__.replace("_", "-"))
+        if not command.epilog and name in FALLBACK_EXAMPLES:
+            command.epilog = FALLBACK_EXAMPLES[name]
+    for group in typer_app.registered_groups:
+        name = prefix + (group.name or "")
+        if not group.epilog and name in FALLBACK_EXAMPLES:
+            group.epilog = FALLBACK_EXAMPLES[name]
+        if group.typer_instance is not None:
+            _add_fallback_examples(group.typer_instance, name + " ")
+
+
+def _hide_flag_types() -> None:
+    """Flags take no value, so help shows no ``<bool>`` type next to them."""
+    from typer.core import TyperOption
+
+    show_type = TyperOption.display_type_rich
+
+    def display_type_rich(self: TyperOption, ctx: typer.Context) -> str | None:
+        return None if self.is_flag else show_type(self, ctx)
+
+    TyperOption.display_type_rich = display_type_rich  # type: ignore[method-assign]
+
+
 _register_commands()
+_add_fallback_examples(app)
+_hide_flag_types()
 
 
 def report_error(err: BackpropError, as_json: bool = False) -> None:

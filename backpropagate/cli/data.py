@@ -6,7 +6,11 @@ import sys
 
 import typer
 
-data_app = typer.Typer(help="Inspect and validate data sets.", no_args_is_help=True)
+data_app = typer.Typer(
+    help="Inspect and validate data sets.",
+    epilog="Example: backprop data validate train.jsonl",
+    no_args_is_help=True,
+)
 
 BAR_WIDTH = 40
 
@@ -50,7 +54,10 @@ def _print_report(report) -> None:  # noqa: ANN001 - ValidationReport, imported 
 
 
 def register(app: typer.Typer) -> None:
-    @data_app.command("validate")
+    @data_app.command(
+        "validate",
+        epilog="Examples: backprop data validate train.jsonl    |    backprop data validate data/ --model none --json",
+    )
     def validate(
         path: str = typer.Argument(..., help="A data file, a folder of them, or a saved data set."),
         model: str = typer.Option("demo", help="Model whose tokenizer counts tokens; `none` to skip."),

@@ -47,7 +47,7 @@ def collect_info() -> dict[str, Any]:
 
 
 def register(app: typer.Typer) -> None:
-    @app.command()
+    @app.command(epilog="Example: backprop info    |    backprop info --json")
     def info(as_json: bool = typer.Option(False, "--json", help="Print JSON to stdout.")) -> None:
         """Show versions, torch/CUDA, GPUs, optional features and the home folder."""
         data = collect_info()

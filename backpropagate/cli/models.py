@@ -10,7 +10,11 @@ import typer
 
 from backpropagate.settings import get_settings
 
-models_app = typer.Typer(help="The tiny offline demo models and local model folders.", no_args_is_help=True)
+models_app = typer.Typer(
+    help="The tiny offline demo models and local model folders.",
+    epilog="Example: backprop models make-demo    |    backprop models list",
+    no_args_is_help=True,
+)
 
 
 def list_local_models(models_dir: Path | None = None) -> list[dict[str, Any]]:
@@ -42,7 +46,7 @@ def list_local_models(models_dir: Path | None = None) -> list[dict[str, Any]]:
     return rows
 
 
-@models_app.command("make-demo")
+@models_app.command("make-demo", epilog="Example: backprop models make-demo")
 def make_demo(
     force: bool = typer.Option(False, "--force", help="Rebuild even if the demo models exist."),
     seed: int = typer.Option(0, "--seed", help="Seed for initialisation and training order."),
@@ -78,7 +82,7 @@ def make_demo(
         print(f"{name}\t{path}")
 
 
-@models_app.command("list")
+@models_app.command("list", epilog="Example: backprop models list --json")
 def list_models(
     as_json: bool = typer.Option(False, "--json", help="Print the list as JSON to stdout."),
 ) -> None:

@@ -17,7 +17,11 @@ import typer
 
 from backpropagate.errors import BackpropError, ErrorCode
 
-runs_app = typer.Typer(help="List, inspect, stop, resume and delete training runs.", no_args_is_help=True)
+runs_app = typer.Typer(
+    help="List, inspect, stop, resume and delete training runs.",
+    epilog="Example: backprop runs list    |    backprop runs stop RUN_ID",
+    no_args_is_help=True,
+)
 
 URL_HELP = "Talk to the API server at this URL (e.g. http://127.0.0.1:8000) instead of the local store."
 COLUMNS = ("id", "name", "status", "step", "loss", "tokens_per_s", "created_at")
@@ -76,7 +80,7 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
     Console().print(table)
 
 
-@runs_app.command("list")
+@runs_app.command("list", epilog="Examples: backprop runs list    |    backprop runs list --json --url http://127.0.0.1:7860")
 def list_cmd(
     status: list[str] = typer.Option(None, "--status", "-s", help="Only runs with this status (repeatable)."),
     url: str | None = typer.Option(None, "--url", help=URL_HELP),
@@ -93,7 +97,7 @@ def list_cmd(
         _print_table(rows)
 
 
-@runs_app.command("show")
+@runs_app.command("show", epilog="Example: backprop runs show 20260101-120000-ab12")
 def show_cmd(
     run_id: str,
     url: str | None = typer.Option(None, "--url", help=URL_HELP),
@@ -103,7 +107,7 @@ def show_cmd(
     print(json.dumps(row, indent=2, default=str))
 
 
-@runs_app.command("stop")
+@runs_app.command("stop", epilog="Example: backprop runs stop 20260101-120000-ab12")
 def stop_cmd(run_id: str, url: str | None = typer.Option(None, "--url", help=URL_HELP)) -> None:
     """Stop a run: the worker finishes its step, writes a checkpoint and ends as cancelled."""
     if url:
@@ -125,7 +129,7 @@ def stop_cmd(run_id: str, url: str | None = typer.Option(None, "--url", help=URL
     print(f"{run_id}: stop requested (pid {run.pid})", file=sys.stderr)
 
 
-@runs_app.command("resume")
+@runs_app.command("resume", epilog="Example: backprop runs resume 20260101-120000-ab12 --url http://127.0.0.1:7860")
 def resume_cmd(run_id: str, url: str | None = typer.Option(None, "--url", help=URL_HELP)) -> None:
     """Resume a stopped, failed or interrupted run from its last checkpoint."""
     if url:
@@ -150,7 +154,7 @@ def resume_cmd(run_id: str, url: str | None = typer.Option(None, "--url", help=U
     print(f"{run_id}: resumed (pid {proc.pid}); follow it with `backprop watch {run_id}`", file=sys.stderr)
 
 
-@runs_app.command("delete")
+@runs_app.command("delete", epilog="Example: backprop runs delete 20260101-120000-ab12")
 def delete_cmd(
     run_id: str,
     url: str | None = typer.Option(None, "--url", help=URL_HELP),
@@ -176,7 +180,7 @@ def delete_cmd(
     print(f"{run_id}: deleted", file=sys.stderr)
 
 
-@runs_app.command("reindex")
+@runs_app.command("reindex", epilog="Example: backprop runs reindex")
 def reindex_cmd() -> None:
     """Rebuild the run store from the event logs under BACKPROPAGATE_HOME/runs/."""
     from backpropagate.settings import get_settings
@@ -322,5 +326,5 @@ def serve_api(
 
 def register(app: typer.Typer) -> None:
     app.add_typer(runs_app, name="runs")
-    app.command("watch")(watch)
-    app.command("serve-api")(serve_api)
+    app.command("watch", epilog="Examples: backprop watch RUN_ID    |    backprop watch RUN_ID --json --url http://127.0.0.1:7860")(watch)
+    app.command("serve-api", epilog="Example: backprop serve-api --port 8000, then backprop runs list --url http://127.0.0.1:8000")(serve_api)

@@ -8,13 +8,15 @@ import typer
 
 
 def register(app: typer.Typer) -> None:
-    @app.command()
+    @app.command(
+        epilog="Examples: backprop ui    |    backprop ui --host 0.0.0.0 --users ~/.backpropagate/users.json"
+    )
     def ui(
         host: str = typer.Option("127.0.0.1", help="Interface to bind; non-loopback needs --auth."),
         port: int = typer.Option(7860, min=1, max=65535, help="Port for the page, its socket and /api."),
         auth: str | None = typer.Option(None, help="user:password for HTTP login."),
         auth_file: Path | None = typer.Option(None, help="File (mode 600) holding user:password."),
-        users: Path | None = typer.Option(None, help="File of user accounts (one user:password a line)."),
+        users: Path | None = typer.Option(None, help="Users file (JSON, made by `backprop users add`)."),
         share: bool = typer.Option(False, help="Publish through a Cloudflare tunnel (needs --auth)."),
         no_browser: bool = typer.Option(False, "--no-browser", help="Do not open a browser."),
     ) -> None:

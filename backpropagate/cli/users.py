@@ -10,6 +10,7 @@ import typer
 
 from backpropagate.errors import BackpropError, ErrorCode
 
+ADD_HINT = "Pick a user name without spaces or ':' and a password of 8 or more characters."
 FILE_OPTION = typer.Option(None, "--file", help="Users file (default: BACKPROPAGATE_HOME/users.json).")
 
 
@@ -27,10 +28,17 @@ def _read_password(password_stdin: bool) -> str:
 
 
 def register(app: typer.Typer) -> None:
-    users = typer.Typer(help="Manage the accounts that may sign in to the web app.", no_args_is_help=True)
+    users = typer.Typer(
+        help="Manage the accounts that may sign in to the web app.",
+        epilog="Example: backprop users add alice, then backprop ui --users ~/.backpropagate/users.json",
+        no_args_is_help=True,
+    )
     app.add_typer(users, name="users")
 
-    @users.command("add")
+    @users.command(
+        "add",
+        epilog='Examples: backprop users add alice    |    echo "$PW" | backprop users add alice --password-stdin',
+    )
     def add(
         name: str = typer.Argument(..., help="User name (no spaces or ':')."),
         password_stdin: bool = typer.Option(False, "--password-stdin", help="Read the password from stdin."),
@@ -40,9 +48,13 @@ def register(app: typer.Typer) -> None:
         from backpropagate.server.security import accounts
         from backpropagate.server.security.passwords import hash_password
 
-        accounts.validate_user_name(name, "user name")
-        password = _read_password(password_stdin)
-        accounts.validate_password(password, "password")
+        try:
+            accounts.validate_user_name(name, "user name")
+            password = _read_password(password_stdin)
+            accounts.validate_password(password, "password")
+        except BackpropError as err:
+            # The catalog's hint is about `ui --auth`; here the fix is a different name or password.
+            raise BackpropError(err.code, err.message, hint=ADD_HINT) from None
         if len(password) < 8:
             raise BackpropError(
                 ErrorCode.INPUT_AUTH_INVALID_SHAPE,
@@ -54,7 +66,7 @@ def register(app: typer.Typer) -> None:
         accounts.save_user(path, name, hash_password(password))
         print(f"{'updated' if existed else 'added'} {name} in {path}", file=sys.stderr)
 
-    @users.command("remove")
+    @users.command("remove", epilog="Example: backprop users remove alice")
     def remove(name: str = typer.Argument(..., help="User name."), file: Path | None = FILE_OPTION) -> None:
         """Remove an account."""
         from backpropagate.server.security import accounts
@@ -64,7 +76,7 @@ def register(app: typer.Typer) -> None:
             raise BackpropError(ErrorCode.STATE_NOT_FOUND, f"No user {name!r} in {path}.")
         print(f"removed {name} from {path}", file=sys.stderr)
 
-    @users.command("list")
+    @users.command("list", epilog="Example: backprop users list --json")
     def list_(
         file: Path | None = FILE_OPTION,
         as_json: bool = typer.Option(False, "--json", help="Print JSON to stdout."),
