@@ -131,3 +131,13 @@ def test_verbose_keeps_the_traceback(tmp_path: Path) -> None:
     result = backprop("--verbose", "boom", "other", home=tmp_path, script=[sys.executable, "-c", RAISER])
     assert result.returncode == 1
     assert "Traceback" in result.stderr and "[RUNTIME_INTERNAL]" in result.stderr
+
+
+def test_unknown_target_modules_give_a_settings_code(tmp_path: Path) -> None:
+    data = Path(__file__).resolve().parents[1] / "examples" / "quickstart.jsonl"
+    result = backprop(
+        "train", "--model", "demo", "--data", str(data), "--steps", "2", "--target-modules", "nope_proj",
+        home=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "[CONFIG_INVALID_SETTING] --target-modules:" in result.stderr and "nope_proj" in result.stderr

@@ -48,7 +48,9 @@ def _print_version(value: bool) -> None:
         raise typer.Exit()
 
 
-@app.callback(epilog="Example: backprop train --demo    |    backprop --verbose runs list")
+@app.callback(
+    epilog="Example: backprop train --data examples/quickstart.jsonl    |    backprop --verbose runs list"
+)
 def _root(
     version: bool = typer.Option(
         False, "--version", is_eager=True, callback=_print_version, help="Print the version and exit."
@@ -151,6 +153,12 @@ def to_catalog(exc: Exception) -> BackpropError:
             else "Free disk space (or move BACKPROPAGATE_HOME) and retry."
         )
         return BackpropError(code, f"No space left on device{where}.", hint=hint)
+    if type(exc).__name__ == "NoMatchingPeftModuleError":  # peft's, raised for --target-modules
+        return BackpropError(
+            ErrorCode.CONFIG_INVALID_SETTING,
+            f"--target-modules: {line}",
+            hint="Name linear layers of this model (e.g. q_proj,v_proj), or leave --target-modules unset.",
+        )
     if isinstance(exc, csv.Error):
         return BackpropError(ErrorCode.DATASET_PARSE_FAILED, f"CSV could not be parsed: {line}")
     path = _save_traceback(exc)
