@@ -80,7 +80,10 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
     Console().print(table)
 
 
-@runs_app.command("list", epilog="Examples: backprop runs list    |    backprop runs list --json --url http://127.0.0.1:7860")
+@runs_app.command(
+    "list",
+    epilog="Examples: backprop runs list    |    backprop runs list --json --url http://127.0.0.1:7860",
+)
 def list_cmd(
     status: list[str] = typer.Option(None, "--status", "-s", help="Only runs with this status (repeatable)."),
     url: str | None = typer.Option(None, "--url", help=URL_HELP),
@@ -129,7 +132,9 @@ def stop_cmd(run_id: str, url: str | None = typer.Option(None, "--url", help=URL
     print(f"{run_id}: stop requested (pid {run.pid})", file=sys.stderr)
 
 
-@runs_app.command("resume", epilog="Example: backprop runs resume 20260101-120000-ab12 --url http://127.0.0.1:7860")
+@runs_app.command(
+    "resume", epilog="Example: backprop runs resume 20260101-120000-ab12 --url http://127.0.0.1:7860"
+)
 def resume_cmd(run_id: str, url: str | None = typer.Option(None, "--url", help=URL_HELP)) -> None:
     """Resume a stopped, failed or interrupted run from its last checkpoint."""
     if url:
@@ -326,5 +331,11 @@ def serve_api(
 
 def register(app: typer.Typer) -> None:
     app.add_typer(runs_app, name="runs")
-    app.command("watch", epilog="Examples: backprop watch RUN_ID    |    backprop watch RUN_ID --json --url http://127.0.0.1:7860")(watch)
-    app.command("serve-api", epilog="Example: backprop serve-api --port 8000, then backprop runs list --url http://127.0.0.1:8000")(serve_api)
+    app.command(
+        "watch",
+        epilog="Examples: backprop watch RUN_ID    |    backprop watch RUN_ID --json --url http://127.0.0.1:7860",
+    )(watch)
+    app.command(
+        "serve-api",
+        epilog="Example: backprop serve-api --port 8000, then backprop runs list --url http://127.0.0.1:8000",
+    )(serve_api)
