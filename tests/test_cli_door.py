@@ -141,3 +141,35 @@ def test_unknown_target_modules_give_a_settings_code(tmp_path: Path) -> None:
     )  # fmt: skip
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "[CONFIG_INVALID_SETTING] --target-modules:" in result.stderr and "nope_proj" in result.stderr
+
+
+def test_stopping_a_completed_run_says_it_is_not_active(tmp_path: Path) -> None:
+    from backpropagate.events import Completed, EventLog, RunStarted
+
+    run_id = "20260101-000001-done"
+    run_dir = tmp_path / "runs" / run_id
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.json").write_text(json.dumps({"data": "d.jsonl"}))
+    with EventLog(run_dir / "events.jsonl", run_id) as log:
+        log.append(RunStarted(pid=1, total_steps=1))
+        log.append(Completed(step=1))
+    assert backprop("runs", "reindex", home=tmp_path).returncode == 0
+    result = backprop("runs", "stop", run_id, home=tmp_path)
+    assert result.returncode == 1 and result.stderr.startswith("[STATE_RUN_NOT_ACTIVE]")
+    assert "completed" in result.stderr
+
+
+def test_users_add_hints_about_names_and_passwords_not_auth(tmp_path: Path) -> None:
+    env = {**os.environ, "BACKPROPAGATE_HOME": str(tmp_path)}
+    for name, password in (("bad name", "long enough pw"), ("alice", "   ")):
+        result = subprocess.run(
+            [*BACKPROP, "users", "add", name, "--password-stdin", "--file", str(tmp_path / "u.json")],
+            input=password + "\n", env=env, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert result.returncode == 1 and "[INPUT_AUTH_INVALID_SHAPE]" in result.stderr
+        assert "--auth" not in result.stderr and "hint:" in result.stderr
+
+
+def test_ui_help_describes_the_users_file_as_json(tmp_path: Path) -> None:
+    text = " ".join(backprop("ui", "--help", home=tmp_path).stdout.split())
+    assert "JSON" in text and "user:password a line" not in text
