@@ -69,3 +69,32 @@ def test_text_lines_by_default(tmp_path: Path) -> None:
     text = _run_worker(tmp_path, BACKPROPAGATE_LOG_JSON="false", BACKPROPAGATE_LOG_LEVEL="INFO")
     line = next(line for line in text.splitlines() if "engine info line" in line)
     assert not line.startswith("{") and f"run_id={RUN_ID}" in line and "INFO" in line
+
+
+def test_api_server_logs_json_lines_from_settings(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {
+        **os.environ,
+        "BACKPROPAGATE_HOME": str(tmp_path),
+        "BACKPROPAGATE_LOG_JSON": "true",
+        "BACKPROPAGATE_LOG_LEVEL": "DEBUG",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "backpropagate", "serve-api", "--port", str(port)],
+        env=env, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        records = []
+        for line in proc.stderr:  # uvicorn's own lines are text; ours are JSON
+            if line.startswith("{"):
+                records.append(json.loads(line))
+            if any(r["msg"].startswith("server started") for r in records):
+                break
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    assert any(r["msg"].startswith("logging configured: level=DEBUG") for r in records)
