@@ -21,6 +21,7 @@ from typing import Any
 from backpropagate.config import RunConfig
 from backpropagate.errors import BackpropError, ErrorCode
 from backpropagate.events import FINAL_TYPES, Cancelled, Completed, EventBase, EventLog, Failed
+from backpropagate.trackers import Trackers, open_trackers
 from backpropagate.training.control import RunControl
 
 # "module:function" of an alternative engine with the same contract as run_training.
@@ -95,14 +96,17 @@ def run_worker(run_dir: Path) -> int:
     (run_dir / "worker.pid").write_text(f"{os.getpid()}\n")
     log = EventLog(run_dir / "events.jsonl", read_run_id(run_dir))
     last: dict[str, Any] = {"type": None, "step": None}
+    trackers = Trackers({})
 
     def emit(event: EventBase) -> None:
         stamped = log.append(event)
         last["type"] = stamped.type  # type: ignore[attr-defined]
         last["step"] = getattr(stamped, "step", None) or last["step"]
+        trackers.on_event(stamped)
 
     try:
         config = RunConfig.load(run_dir / "config.json")
+        trackers = open_trackers(config, run_dir)  # a missing tracker fails before any loading
         run_training = load_engine()
         result = run_training(config, run_dir, emit, control)
         # The engine emits the final event; a return without one still must end the log.
@@ -118,6 +122,7 @@ def run_worker(run_dir: Path) -> int:
             emit(_failed_event(exc, last["step"]))
         return 1
     finally:
+        trackers.close()
         log.close()
 
 

@@ -58,3 +58,24 @@ def test_a_missing_tracker_package_names_its_install_command(monkeypatch):
     with pytest.raises(BackpropError) as info:
         check_trackers(["tensorboard"])
     assert info.value.code == ErrorCode.DEP_TRACKER_MISSING and "pip install no-such-tracker" in info.value.hint
+
+
+@pytest.mark.slow
+def test_a_worker_run_feeds_tensorboard_too(home, tmp_path):
+    """The web app's path: the worker process writes the same scalars."""
+    from backpropagate.models.demo import resolve_model
+
+    resolve_model("demo")
+    run_dir = tmp_path / "20261202-000000-tbtb"
+    run_dir.mkdir()
+    config = RunConfig(data=str(REPO / "examples" / "quickstart.jsonl"), steps=4, max_seq_len=64,
+                       eval_fraction=0.0, report_to=["tensorboard"])  # fmt: skip
+    config.save(run_dir / "config.json")
+    out = subprocess.run(
+        [sys.executable, "-m", "backpropagate.worker", str(run_dir)], capture_output=True, text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, (run_dir / "worker.log").read_text()[-3000:]
+    events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    losses = [e["loss"] for e in events if e["type"] == "step"]
+    assert [v for _, v in scalars(run_dir / "tensorboard", "train/loss")] == pytest.approx(losses, rel=1e-6)
