@@ -107,7 +107,7 @@ CATALOG: dict[ErrorCode, ErrorSpec] = {
     ),
     C.INPUT_UPLOAD_TOO_LARGE: ErrorSpec(
         "The uploaded file is larger than the limit.",
-        "Split the file, or raise BACKPROPAGATE_MAX_UPLOAD_MB on the server.",
+        "Split the file, or raise BACKPROPAGATE_SERVER__MAX_UPLOAD_MB on the server.",
         http_status=413,
     ),
     C.INPUT_UPLOAD_TYPE: ErrorSpec(
