@@ -194,7 +194,8 @@ class NewRunState(rx.State):
                 data_format=self.values.get("data_format") or "auto",
             )
         except BackpropError as exc:
-            self.report, self.errors = {}, [{"where": "", "message": f"[{exc.code}] {exc.message}"}]
+            self.report, self.preview, self.histogram = {}, [], []
+            self.errors = [{"where": "", "message": f"[{exc.code}] {exc.message}"}]
         except Exception as exc:  # noqa: BLE001 - shown to the user, the page stays usable
             self.report, self.errors = {}, [{"where": "", "message": f"{type(exc).__name__}: {exc}"}]
         else:
@@ -243,7 +244,13 @@ class NewRunState(rx.State):
 
     @rx.event
     async def pick_example(self, path: str):
-        async for _ in self._check(path, Path(path).name):
+        try:
+            resolved = service.example_path(path)
+        except BackpropError as exc:
+            self.report, self.preview, self.histogram = {}, [], []
+            self.errors = [{"where": "example", "message": f"[{exc.code}] {exc.message}"}]
+            return
+        async for _ in self._check(resolved, Path(resolved).name):
             yield
 
     @rx.event

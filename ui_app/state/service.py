@@ -105,9 +105,16 @@ async def run_action(action: str, run_id: str) -> str | None:
 
 
 def run_dir(run_id: str) -> Path:
-    if not run_id or "/" in run_id or run_id.startswith("."):
+    """A browser-sent run id as its folder: one plain name inside runs_dir (the API's path policy)."""
+    from backpropagate.server.security.paths import safe_path
+
+    runs = get_settings().runs_dir
+    if not run_id or any(c in run_id for c in "/\\~") or run_id.startswith("."):
         raise BackpropError(ErrorCode.STATE_RUN_NOT_FOUND, f"No run with id {run_id!r}.")
-    return get_settings().runs_dir / run_id
+    path = safe_path(run_id, runs)
+    if path.parent != runs.expanduser().resolve():
+        raise BackpropError(ErrorCode.STATE_RUN_NOT_FOUND, f"No run with id {run_id!r}.")
+    return path
 
 
 def _read_events_sync(run_id: str, after: int, limit: int) -> list[dict[str, Any]]:
@@ -193,9 +200,30 @@ def example_files() -> list[str]:
     return files
 
 
+def example_path(path: str) -> str:
+    """A browser-sent example path, resolved inside the examples or uploads folder (else the error)."""
+    from backpropagate.server.routes.inputs import EXAMPLES_DIR
+    from backpropagate.server.security.paths import safe_path
+
+    return str(safe_path(path, EXAMPLES_DIR, run_service().settings.datasets_dir))
+
+
+def data_path(path: str) -> str:
+    """A data path under the API's policy (resolve_data: uploads, examples, the allowed homes)."""
+    from backpropagate.server.routes.inputs import resolve_data
+
+    svc = run_service()
+    return resolve_data(path, svc.settings, svc.store)
+
+
 async def validate(path: str, model: str, max_seq_len: int, data_format: str = "auto") -> dict[str, Any]:
-    """The data engineer's validation report (rows, format, histogram, errors with line numbers)."""
+    """The data engineer's validation report (rows, format, histogram, errors with line numbers).
+
+    ``path`` goes through the API's path policy first; a path outside it raises INPUT_PATH_TRAVERSAL.
+    """
     from backpropagate.data import validate_dataset
+
+    path = await asyncio.to_thread(data_path, path)
 
     report = await asyncio.to_thread(
         validate_dataset, path, model=model, max_seq_len=max_seq_len, data_format=data_format, preview_rows=5
