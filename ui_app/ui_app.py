@@ -8,12 +8,20 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
+from urllib.parse import quote
 
 import reflex as rx
 
 from backpropagate.server.app import create_app
 from backpropagate.server.security import build_guard, load_launch_policy
 from ui_app.pages import PAGES
+
+# The logo of assets/favicon.svg, inlined: `backprop ui` builds in its own folder, without assets/.
+FAVICON = "data:image/svg+xml," + quote(
+    '<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 32 32"><rect width="32" height="32" rx="7" '
+    'fill="#3e63dd"/><path d="M7 23 L13 15 L18 19 L25 9" fill="none" stroke="#fff" stroke-width="3" '
+    'stroke-linecap="round" stroke-linejoin="round"/><circle cx="25" cy="9" r="2.5" fill="#fff"/></svg>'
+)
 
 # First, before any route exists: raises RUNTIME_UI_AUTH_NOT_ENFORCED without the marker.
 policy = load_launch_policy()
@@ -22,7 +30,10 @@ api = create_app()
 # api_transformer applies in order: the FastAPI app gets the Reflex app mounted under it (its own
 # /api routes win), then the guard wraps that whole stack, so the static front end, the /_event
 # socket and /api all pass through it.
-app = rx.App(api_transformer=[api, lambda asgi: build_guard(asgi, policy)])
+app = rx.App(
+    api_transformer=[api, lambda asgi: build_guard(asgi, policy)],
+    head_components=[rx.el.link(rel="icon", href=FAVICON, type="image/svg+xml")],
+)
 
 
 @contextlib.asynccontextmanager

@@ -172,7 +172,7 @@ def test_pages_tour_without_console_errors_and_a_live_runs_list(page: Page, basi
         expect(row).to_contain_text("login tour", timeout=20000)
         stopped = page.request.post(f"{base}/api/runs/{run_id}/stop", headers=origin)
         assert stopped.status == 200, stopped.text()
-        expect(row).to_contain_text("cancelled", timeout=90000)  # the list keeps up without a reload
+        expect(row).to_contain_text("Cancelled", timeout=90000)  # the list keeps up without a reload
 
         nav = page.get_by_role("navigation", name="Pages")
         for label, path in TOUR:

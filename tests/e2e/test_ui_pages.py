@@ -50,7 +50,7 @@ def wait_points(page: Page, at_least: int, timeout_s: float) -> int:
 
 
 def status(page: Page) -> str:
-    return page.locator(".run-status").first.inner_text().strip()
+    return page.locator(".run-status").first.inner_text().strip().lower()  # badges show labels
 
 
 def wait_status(page: Page, wanted: set[str], timeout_s: float) -> str:
@@ -73,6 +73,14 @@ def test_header_shows_mode_and_pages_render(ui: Page, ui_server) -> None:  # noq
     shot(ui, "chat")
     ui.goto(ui_server.base + "/export")
     expect(ui.locator("#export-no-runs")).to_be_visible()
+    # an address the app does not have is a page with a way back; /runs is the runs list
+    ui.goto(ui_server.base + "/no-such-page")
+    expect(ui.locator("#not-found")).to_contain_text("/no-such-page", timeout=20000)
+    shot(ui, "not-found")
+    ui.locator("#not-found").get_by_role("button", name="All runs").click()
+    expect(ui.locator("#no-runs")).to_be_visible(timeout=20000)
+    ui.goto(ui_server.base + "/runs")
+    expect(ui.locator("#no-runs")).to_be_visible(timeout=20000)
     # an unknown run says so instead of showing an empty page
     ui.goto(ui_server.base + "/runs/20990101-000000-0000")
     expect(
@@ -133,12 +141,13 @@ def test_stop_then_resume(ui: Page) -> None:
     ui.click("#stop-run")
     wait_status(ui, {"cancelled"}, timeout_s=60)
     stopped_at = points(ui)
-    expect(ui.locator("#timeline")).to_contain_text("Stopped")
+    expect(ui.locator("#timeline")).to_contain_text("Cancelled")
     shot(ui, "run-stopped")
     ui.click("#resume-run")
     wait_status(ui, {"queued", "running"}, timeout_s=30)
     wait_points(ui, stopped_at + 1, timeout_s=180)
     expect(ui.locator("#timeline")).to_contain_text("Resumed from step")
+    expect(ui.locator("#action-message")).to_have_text("")  # no "Resume requested." once it runs
 
 
 def test_reload_mid_run_shows_every_step(ui: Page) -> None:
@@ -156,6 +165,8 @@ def test_reload_mid_run_shows_every_step(ui: Page) -> None:
     wait_status(ui, {"completed"}, timeout_s=300)
     expect(ui.locator("#final-metrics")).to_be_visible(timeout=20000)
     assert points(ui) == RUN_STEPS
+    expect(ui.locator("#run-state")).to_have_text("Completed")  # no leftover phase ("saving")
+    expect(ui.locator("#action-message")).to_have_text("")
     shot(ui, "run-page", docs=True)
 
 
@@ -169,8 +180,8 @@ def test_runs_table_and_compare_two_runs(ui: Page, ui_server) -> None:  # noqa: 
     ui.goto(ui_server.base + "/")
     rows = ui.locator("#runs-table .run-row")
     expect(rows).to_have_count(2, timeout=20000)
-    expect(ui.locator(f"[data-run-id='{STATE['run']}']")).to_contain_text("completed")
-    expect(ui.locator(f"[data-run-id='{clone}']")).to_contain_text("running")
+    expect(ui.locator(f"[data-run-id='{STATE['run']}']")).to_contain_text("Completed")
+    expect(ui.locator(f"[data-run-id='{clone}']")).to_contain_text("Running")
     shot(ui, "runs", docs=True)
     ui.goto(f"{ui_server.base}/compare?runs={STATE['run']},{clone}")
     expect(ui.locator("#compare-chart .recharts-line-curve")).to_have_count(2, timeout=30000)
@@ -181,7 +192,7 @@ def test_runs_table_and_compare_two_runs(ui: Page, ui_server) -> None:  # noqa: 
     # stop the clone from the runs table
     ui.goto(ui_server.base + "/")
     ui.locator(f"[data-run-id='{clone}']").get_by_role("button", name="Stop").click()
-    expect(ui.locator(f"[data-run-id='{clone}']")).to_contain_text("cancelled", timeout=60000)
+    expect(ui.locator(f"[data-run-id='{clone}']")).to_contain_text("Cancelled", timeout=60000)
     # deleting asks first; the stopped clone goes away (its worker may need a moment to exit:
     # until then the service refuses with STATE_RUN_ACTIVE and the page says so)
     deadline = time.monotonic() + 60
@@ -197,7 +208,9 @@ def test_runs_table_and_compare_two_runs(ui: Page, ui_server) -> None:  # noqa: 
 
 
 def test_export_a_finished_run_to_gguf(ui: Page, ui_server) -> None:  # noqa: ANN001
-    ui.goto(f"{ui_server.base}/export?run={STATE['run']}")
+    ui.goto(f"{ui_server.base}/runs/{STATE['run']}")  # the Export button opens this run
+    ui.locator("#run-export").click()
+    ui.wait_for_url(f"**/export?run={STATE['run']}")
     expect(ui.locator("#export-run")).to_contain_text("e2e first", timeout=20000)
     ui.click("#start-export")
     expect(ui.locator("#export-progress")).to_contain_text("Exporting", timeout=20000)

@@ -84,7 +84,8 @@ def _downloads(files: rx.Var, export_id: rx.Var) -> rx.Component:
     return rx.flex(
         rx.foreach(
             files.to(list[dict[str, str]]),
-            lambda f: rx.link(
+            # A plain <a download> (not rx.link): the client-side router must not take the click.
+            lambda f: rx.el.a(
                 rx.button(
                     rx.icon("download", size=14), f["name"], " (", f["size"], ")", variant="soft", size="1"
                 ),

@@ -15,7 +15,7 @@ from ui_app.components.layout import page
 from ui_app.components.panels import gpu_panel, log_tail, stat, timeline
 from ui_app.components.status import progress, status_badge
 from ui_app.state import service
-from ui_app.state.runview import RunView
+from ui_app.state.runview import RunView, status_text
 
 # At most this many state pushes per second reach the browser, however fast events arrive.
 PUSH_INTERVAL_S = 0.4
@@ -131,6 +131,9 @@ class RunDetailState(rx.State):
         self.error = row.get("error", "") if not view.last_seq else ""
         if self.error:
             summary["status"] = "unknown"  # neither the store nor a log knows this run
+        if summary["status"] != self.summary.get("status"):
+            self.message = ""  # "Resume requested." is over once the status moves on
+        summary["state_text"] = status_text(summary["status"], summary["phase"])
         self.name = row.get("name") or (view.config or {}).get("name") or view.run_id
         self.summary = summary
         self.chart = view.chart_points()
@@ -149,7 +152,9 @@ class RunDetailState(rx.State):
         except BackpropError as exc:
             self.message = f"[{exc.code}] {exc.message}"
             return None
-        self.message = {"stop": "Stop requested.", "resume": "Resuming…", "clone": "Cloned."}.get(action, "")
+        self.message = {"stop": "Stop requested.", "resume": "Resume requested.", "clone": "Cloned."}.get(
+            action, ""
+        )
         if action == "clone" and new_id:
             # same page component, so no new mount event: switch the followed run explicitly
             return [rx.redirect(f"/runs/{new_id}"), RunDetailState.open_path(f"/runs/{new_id}")]
@@ -182,6 +187,8 @@ def _controls() -> rx.Component:
         rx.button("Resume", on_click=s.resume, disabled=~s.can_resume, id="resume-run"),
         rx.button("Clone", on_click=s.clone, variant="outline", id="clone-run"),
         rx.link("Compare", href="/compare?runs=" + s.run_id, size="2"),
+        rx.link(rx.button("Export", variant="soft"), href="/export?run=" + s.run_id, id="run-export"),
+        rx.link(rx.button("Chat", variant="soft"), href="/chat?run=" + s.run_id, id="run-chat"),
         rx.text(s.message, size="2", color_scheme="gray", id="action-message"),
         spacing="3",
         wrap="wrap",
@@ -225,7 +232,7 @@ def run_detail_page() -> rx.Component:
             rx.hstack(
                 rx.heading(s.name, size="5", id="run-name"),
                 status_badge(s.status),
-                rx.text(summary["phase"].to(str), size="2", color_scheme="gray"),
+                rx.text(summary["state_text"].to(str), size="2", color_scheme="gray", id="run-state"),
                 rx.text(s.run_id, size="1", color_scheme="gray", font_family="monospace"),
                 wrap="wrap",
                 align="center",
@@ -233,6 +240,10 @@ def run_detail_page() -> rx.Component:
             ),
             rx.cond(s.error != "", rx.callout(s.error, color_scheme="red", icon="triangle_alert")),
             _controls(),
+            rx.cond(
+                s.status == "queued",
+                rx.callout(summary["state_text"].to(str), icon="clock", id="queued-note", width="100%"),
+            ),
             rx.hstack(
                 rx.text(
                     "Step ",

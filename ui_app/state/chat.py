@@ -140,7 +140,11 @@ class ChatState(rx.State):
         names = {r["id"]: str(r.get("name") or r["id"]) for r in runs}
         self.exports = gguf_choices(states, names)
         ids = {e["id"] for e in self.exports}
-        if self.left_id not in ids:
+        wanted = self.router.url.query_parameters.get("run", "")  # /chat?run=ID from a run's page
+        of_run = [e["id"] for e in self.exports if e.get("run_id") == wanted]
+        if wanted and of_run:
+            self.left_id = of_run[0]
+        elif self.left_id not in ids:
             self.left_id = self.exports[0]["id"] if self.exports else ""
         if self.right_id != NONE and self.right_id not in ids:
             self.right_id = NONE

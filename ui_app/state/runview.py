@@ -10,6 +10,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from backpropagate.events import RunStatus
+
 MAX_CHART_POINTS = 1000
 TIMELINE_LIMIT = 200
 DOCS_ERRORS_URL = "https://github.com/backpropagate/backpropagate/blob/main/docs/error-codes.md"
@@ -49,6 +51,23 @@ def format_duration(seconds: float | None) -> str:
     return f"{s}s"
 
 
+# Every text a page shows for a run's state comes from its status through these (RunStatus values).
+STATUS_LABELS = {str(st): str(st).capitalize() for st in RunStatus}
+STATUS_DETAILS = {"queued": "Queued: waiting for a free slot"}
+
+
+def status_label(status: str) -> str:
+    """The human label of a status: `Completed`; unknown ones lose their underscores."""
+    return STATUS_LABELS.get(status) or status.replace("_", " ").capitalize()
+
+
+def status_text(status: str, phase: str = "") -> str:
+    """The state line of a run: the phase only while it runs (a finished run is not `saving`)."""
+    if status == "running" and phase:
+        return f"{status_label(status)} · {phase.replace('_', ' ')}"
+    return STATUS_DETAILS.get(status, status_label(status))
+
+
 def timeline_entry(ev: dict[str, Any]) -> dict[str, str]:
     """One line of the timeline: kind (for colour), text, optional error code and its docs link."""
     t = ev.get("type", "")
@@ -60,7 +79,7 @@ def timeline_entry(ev: dict[str, Any]) -> dict[str, str]:
         backend = f" ({ev['backend']})" if ev.get("backend") else ""
         text = f"Resumed from step {resumed}{where}{backend}" if resumed else f"Started{where}{backend}"
     elif t == "status":
-        text = f"Status: {ev.get('status')}" + (f" — {ev['phase']}" if ev.get("phase") else "")
+        text = status_text(str(ev.get("status") or ""), ev.get("phase") or "")
         if ev.get("message"):
             text += f": {ev['message']}"
     elif t == "checkpoint":
@@ -79,15 +98,15 @@ def timeline_entry(ev: dict[str, Any]) -> dict[str, str]:
             f"{ev.get('new_micro_batch')}, accumulation {ev.get('grad_accum')}"
         )
     elif t in ("warning", "error", "failed"):
-        label = {"warning": "Warning", "error": "Error", "failed": "Failed"}[t]
+        label = {"warning": "Warning", "error": "Error", "failed": status_label("failed")}[t]
         text = f"{label}: {ev.get('message', '')}" + (f" — {ev['hint']}" if ev.get("hint") else "")
     elif t == "completed":
         loss = ev.get("final_loss")
-        text = f"Completed at step {ev.get('step')}" + (
+        text = f"{status_label('completed')} at step {ev.get('step')}" + (
             f", final loss {loss:.4f}" if loss is not None else ""
         )
     elif t == "cancelled":
-        text = "Stopped" + (f" at step {ev['step']}" if ev.get("step") is not None else "")
+        text = status_label("cancelled") + (f" at step {ev['step']}" if ev.get("step") is not None else "")
         if ev.get("checkpoint"):
             text += " (checkpoint saved)"
     kind = {"warning": "warning", "error": "error", "failed": "error", "completed": "success"}.get(t, "info")
