@@ -184,7 +184,11 @@ def test_runs_table_and_compare_two_runs(ui: Page, ui_server) -> None:  # noqa: 
     expect(ui.locator(f"[data-run-id='{clone}']")).to_contain_text("Running")
     shot(ui, "runs", docs=True)
     ui.goto(f"{ui_server.base}/compare?runs={STATE['run']},{clone}")
-    expect(ui.locator("#compare-chart .recharts-line-curve")).to_have_count(2, timeout=30000)
+    curves = ui.locator("#compare-chart .recharts-line-curve")
+    expect(curves).to_have_count(2, timeout=30000)
+    # the two nearly equal curves differ in colour and in dash pattern
+    looks = {(c.get_attribute("stroke"), c.get_attribute("stroke-dasharray")) for c in curves.all()}
+    assert len({s for s, _ in looks}) == 2 and len({d for _, d in looks}) == 2, looks
     # the clone differs from the original by its name only
     expect(ui.locator("#config-diff")).to_contain_text("name")
     expect(ui.locator("#config-diff")).to_contain_text("(copy)")

@@ -115,7 +115,7 @@ def test_a_trained_runs_gguf_export_answers_streamed(ui: Page, ui_server) -> Non
     ui.goto(ui_server.base + "/chat")
     expect(ui.locator("#chat-model-left")).to_contain_text(STATE["export"], timeout=20000)
     ui.fill("#chat-input", "What is fine-tuning?")
-    ui.click("#chat-send")
+    ui.press("#chat-input", "Enter")  # Enter sends, as in any chat
     expect(ui.locator("#chat-log-left .chat-user")).to_have_text("What is fine-tuning?", timeout=20000)
     reply = ui.locator("#chat-log-left .chat-assistant").first
     expect(reply).to_be_visible(timeout=20000)

@@ -49,15 +49,15 @@ def metric_chart(data: rx.Var, key: str, label: str, color: str, height: int = 1
 
 
 def overlay_chart(data: rx.Var, series: rx.Var, height: int = 360) -> rx.Component:
-    """Loss curves of several runs on one step axis; ``series`` lists {key, color}."""
+    """Loss curves of several runs on one step axis; ``series`` lists {key, color, dash, name}."""
     return rx.box(
         rx.recharts.line_chart(
             rx.recharts.cartesian_grid(stroke_dasharray="3 3", stroke="var(--gray-a5)"),
             rx.foreach(
                 series,
                 lambda s: rx.recharts.line(
-                    data_key=s["key"], name=s["name"], stroke=s["color"], dot=False,
-                    connect_nulls=True, is_animation_active=False,
+                    data_key=s["key"], name=s["name"], stroke=s["color"], stroke_dasharray=s["dash"],
+                    stroke_width=2, dot=False, connect_nulls=True, is_animation_active=False,
                 ),
             ),
             rx.recharts.x_axis(data_key="step", type_="number", domain=["dataMin", "dataMax"], allow_decimals=False),

@@ -131,6 +131,7 @@ def chat_page() -> rx.Component:
                             aria_label="Message",
                             width="100%",
                             rows="2",
+                            enter_key_submit=True,  # Enter sends, Shift+Enter starts a new line
                         ),
                         rx.vstack(
                             rx.button("Send", type="submit", loading=s.sending, id="chat-send"),

@@ -13,6 +13,8 @@ from ui_app.state import service
 from ui_app.state.runview import MAX_CHART_POINTS, RunView, config_diff
 
 COLORS = ["var(--indigo-9)", "var(--orange-9)", "var(--green-9)", "var(--crimson-9)", "var(--cyan-9)"]
+# A dash pattern per run too: overlapping curves (a clone, a resumed run) stay tellable apart.
+DASHES = ["", "8 4", "2 3", "10 3 2 3", "4 4"]
 MAX_RUNS = len(COLORS)
 
 
@@ -73,7 +75,12 @@ class CompareState(rx.State):
         self.data = overlay(curves)
         labels = {c["id"]: c["label"] for c in self.choices}
         self.series = [
-            {"key": r, "color": COLORS[i % len(COLORS)], "name": labels.get(r, r)}
+            {
+                "key": r,
+                "color": COLORS[i % len(COLORS)],
+                "dash": DASHES[i % len(DASHES)],
+                "name": labels.get(r, r),
+            }
             for i, r in enumerate(self.selected)
         ]
         self.diff = config_diff(configs)
