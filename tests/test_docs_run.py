@@ -35,11 +35,18 @@ pytestmark = pytest.mark.slow
 
 # Long-running commands: (pattern on the command line, pattern in its output meaning it serves).
 SERVERS = [
-    (re.compile(r"^backprop (serve|serve-api|ui)\b"), re.compile(r"https?://\S+|Uvicorn running|serving", re.I)),
+    (
+        re.compile(r"^backprop (serve|serve-api|ui)\b"),
+        re.compile(r"https?://\S+|Uvicorn running|serving", re.I),
+    ),
     (re.compile(r"^python -m websockets\b"), re.compile(r"Connected to", re.I)),
     (re.compile(r"^backprop chat\b"), re.compile(r"\S")),
 ]
 SERVE_TIMEOUT = 90
+# Commands that prompt: what they read on stdin.
+INPUTS = [(re.compile(r"^backprop users add \w+\s*(#|$)"), "docs-password\ndocs-password\n")]
+# curl answers that are right for the shared (completed) run.
+STATE_ANSWERS = {"STATE_RUN_NOT_RESUMABLE"}
 
 
 @dataclass
@@ -110,6 +117,7 @@ def world(tmp_path_factory):
     env = {**os.environ, "BACKPROPAGATE_HOME": str(home), "PATH": f"{BIN}:{os.environ['PATH']}"}
     env.update(NO_COLOR="1", COLUMNS="200", TERM="dumb")
     (work / "examples").symlink_to(REPO / "examples")
+    (work / ".venv").symlink_to(REPO / ".venv")
     for name in ("train.jsonl", "my-data.jsonl"):
         shutil.copy(REPO / "examples" / "quickstart.jsonl", work / name)
     (work / "my-data").mkdir()
@@ -128,23 +136,20 @@ def world(tmp_path_factory):
         [str(BIN / "backprop"), "serve-api", "--port", str(port), "--log-level", "warning"],
         cwd=work, env=env, stdout=log, stderr=log,
     )  # fmt: skip
+    stack = [server]
     try:
-        deadline = time.time() + 90
-        while True:
-            try:
-                if httpx.get(api + "/api/runs", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.time() < deadline, (work / "server.log").read_text()
-            time.sleep(0.2)
+        wait_http(api + "/api/runs", server, work / "server.log")
         export = httpx.post(
             f"{api}/api/runs/{run_id}/exports", json={"format": "gguf", "quantization": "q8_0"}, timeout=30
         ).json()
         with open(work / "train.jsonl", "rb") as f:
             dataset = httpx.post(api + "/api/datasets", files={"file": f}, timeout=30).json()
-        env.update(API=api, RUN=run_id, EXPORT=str(export.get("id", "")))
+        env.update(API=api, RUN=run_id, EXPORT=str(export.get("id", "")), PW="docs-password")
+        chat = start_chat_server(run_id, work, env)
+        stack.append(chat["proc"])
         values = {
+            "backprop serve RUN_ID": f"backprop serve {run_id} --port {free_port()}",
+            "~/.backpropagate": str(home),
             "RUN_DIR": str(home / "runs" / run_id),
             "RUN_ID": run_id,
             EXAMPLE_RUN: run_id,
@@ -153,13 +158,40 @@ def world(tmp_path_factory):
             "ws://127.0.0.1:8000": api.replace("http", "ws"),
             "--port 8000": f"--port {free_port()}",
         }
-        yield {"work": work, "env": env, "values": values}
+        pages = {"docs/export.md": {"http://127.0.0.1:8000": chat["url"]}}
+        yield {"work": work, "env": env, "values": values, "pages": pages}
     finally:
-        server.terminate()
+        for proc in stack:
+            proc.terminate()
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def wait_http(url: str, proc: subprocess.Popen, log: Path) -> None:
+    deadline = time.time() + 90
+    while True:
         try:
-            server.wait(15)
-        except subprocess.TimeoutExpired:
-            server.kill()
+            httpx.get(url, timeout=2)
+            return
+        except httpx.HTTPError:
+            pass
+        assert proc.poll() is None and time.time() < deadline, log.read_text()
+        time.sleep(0.2)
+
+
+def start_chat_server(run_id: str, work: Path, env: dict) -> dict:
+    """`backprop serve RUN_ID` for the Python chat example (docs/export.md)."""
+    port = free_port()
+    log = work / "chat.log"
+    with log.open("ab") as out:
+        proc = subprocess.Popen(
+            [str(BIN / "backprop"), "serve", run_id, "--port", str(port)],
+            cwd=work, env=env, stdout=out, stderr=out,
+        )  # fmt: skip
+    wait_http(f"http://127.0.0.1:{port}/v1/models", proc, log)
+    return {"proc": proc, "url": f"http://127.0.0.1:{port}"}
 
 
 def substitute(text: str, values: dict[str, str]) -> str:
@@ -196,7 +228,8 @@ def run_serving(command: str, ready: re.Pattern, world) -> tuple[bool, str]:
 
 
 def run_block(block: Block, world) -> tuple[bool, str]:
-    values = world["values"]
+    values = {**world["values"], **world["pages"].get(block.page, {})}
+    values = dict(sorted(values.items(), key=lambda kv: -len(kv[0])))  # longest first
     if block.lang == "python":
         done = subprocess.run(
             [str(BIN / "python"), "-c", substitute(block.code, values)],
@@ -209,12 +242,14 @@ def run_block(block: Block, world) -> tuple[bool, str]:
         if server:
             ok, output = run_serving(command, server, world)
         else:
+            stdin = next((text for pattern, text in INPUTS if pattern.search(command)), "")
             done = subprocess.run(
                 ["bash", "-c", "set -o pipefail; " + command], cwd=world["work"], env=world["env"],
-                capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL,
+                capture_output=True, text=True, timeout=300, input=stdin,
             )  # fmt: skip
             ok, output = done.returncode == 0, done.stdout + done.stderr
-            if ok and command.startswith("curl") and re.search(r'"code":\s*"[A-Z_]+"', done.stdout):
+            code = re.search(r'"code":\s*"([A-Z_]+)"', done.stdout) if command.startswith("curl") else None
+            if ok and code and code.group(1) not in STATE_ANSWERS:
                 ok = False  # curl -s exits 0 on an error response
         if not ok:
             return False, f"$ {command}\n{output}"
@@ -236,7 +271,9 @@ def test_block_runs(block: Block, world):
 def test_block_counts(capsys):
     counts = {m: sum(b.mark == m for b in BLOCKS) for m in ("skip", "xfail")}
     ran = len(BLOCKS) - counts["skip"]
-    line = f"docs blocks: {len(BLOCKS)} found, {ran} run ({counts['xfail']} xfail), {counts['skip']} opted out"
+    line = (
+        f"docs blocks: {len(BLOCKS)} found, {ran} run ({counts['xfail']} xfail), {counts['skip']} opted out"
+    )
     with capsys.disabled():
         print("\n" + line)
     assert ran > counts["skip"], line
