@@ -6,7 +6,7 @@ import pytest
 
 from backpropagate.events import RunStatus
 from ui_app.components.status import STATUS_COLORS
-from ui_app.state.runview import STATUS_LABELS, status_text, timeline_entry
+from ui_app.state.runview import STATUS_LABELS, human_label, status_text, timeline_entry
 
 PHASES = ["", "saving", "resuming", "loading_model"]
 
@@ -43,3 +43,8 @@ def test_the_timeline_names_an_ending_by_its_status(status: str) -> None:
 
 def test_a_queued_run_says_what_it_waits_for() -> None:
     assert status_text("queued") == "Queued: waiting for a free slot"
+
+
+def test_field_names_read_as_words() -> None:
+    assert human_label("final_loss") == "Final loss"
+    assert human_label("runtime_s") == "Runtime (s)"

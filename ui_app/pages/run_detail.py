@@ -15,7 +15,7 @@ from ui_app.components.layout import page
 from ui_app.components.panels import gpu_panel, log_tail, stat, timeline
 from ui_app.components.status import progress, status_badge
 from ui_app.state import service
-from ui_app.state.runview import RunView, status_text
+from ui_app.state.runview import RunView, human_label, status_text
 
 # At most this many state pushes per second reach the browser, however fast events arrive.
 PUSH_INTERVAL_S = 0.4
@@ -140,7 +140,7 @@ class RunDetailState(rx.State):
         self.points = len(view.steps)
         self.timeline = list(reversed(view.timeline))
         self.gpus = view.gpus
-        self.final = {k: _fmt(v) for k, v in view.final.items() if v is not None}
+        self.final = {human_label(k): _fmt(v) for k, v in view.final.items() if v is not None}
         self.checkpoints = [{k: str(v) for k, v in c.items()} for c in view.checkpoints[-5:]]
         self.last_seq = view.last_seq
         if log_text is not None:

@@ -56,6 +56,14 @@ STATUS_LABELS = {str(st): str(st).capitalize() for st in RunStatus}
 STATUS_DETAILS = {"queued": "Queued: waiting for a free slot"}
 
 
+LABELS = {"runtime_s": "Runtime (s)", "tokens_per_s": "Tokens/s", "grad_accum": "Gradient accumulation"}
+
+
+def human_label(key: str) -> str:
+    """A field name for people: `final_loss` → `Final loss`."""
+    return LABELS.get(key) or key.replace("_", " ").capitalize()
+
+
 def status_label(status: str) -> str:
     """The human label of a status: `Completed`; unknown ones lose their underscores."""
     return STATUS_LABELS.get(status) or status.replace("_", " ").capitalize()
