@@ -6,6 +6,7 @@ Every field is documented in docs/configuration.md; a test fails when one is mis
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from pathlib import Path
 
@@ -65,8 +66,11 @@ class Settings(BaseSettings):
         return self.home / "exports"
 
     def ensure_dirs(self) -> None:
+        """Create the home and its folders private to this user (0700); tighten a home we created."""
         for path in (self.home, self.runs_dir, self.datasets_dir, self.models_dir, self.exports_dir):
-            path.mkdir(parents=True, exist_ok=True)
+            path.mkdir(mode=0o700, parents=True, exist_ok=True)
+            if path.stat().st_uid == os.getuid() and path.stat().st_mode & 0o077:
+                path.chmod(0o700)
 
 
 @lru_cache(maxsize=1)

@@ -14,6 +14,7 @@ os.environ.setdefault("REFLEX_CHECK_LATEST_VERSION", "0")
 os.environ.setdefault("REFLEX_TELEMETRY_ENABLED", "0")
 
 import reflex as rx  # noqa: E402
+from reflex import constants  # noqa: E402
 from reflex.plugins import RadixThemesPlugin, SitemapPlugin  # noqa: E402
 
 from backpropagate.launcher.same_origin import SameOriginBackendPlugin  # noqa: E402
@@ -36,4 +37,7 @@ config = rx.Config(
     show_built_with_reflex=False,
     plugins=[RadixThemesPlugin(), SameOriginBackendPlugin()],
     disable_plugins=[SitemapPlugin],
+    # Page state stays in this process's memory: the disk mode pickles it (previews included)
+    # into .states/ in the build folder.
+    state_manager_mode=constants.StateManagerMode.MEMORY,
 )

@@ -322,10 +322,13 @@ def serve_api(
             hint="Bind 127.0.0.1 and tunnel (ssh -L), or use `backprop ui --auth ...` for network access.",
         )
     _check_port_free(host, port)
+    import os
+
     import uvicorn
 
     from backpropagate.server.app import headless_app
 
+    os.umask(0o077)  # the DB, logs and uploads are readable by this user only
     uvicorn.run(headless_app(), host=host, port=port, log_level=log_level, ws="websockets-sansio")
 
 

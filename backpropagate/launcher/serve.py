@@ -11,6 +11,7 @@ import sys
 
 
 def main() -> None:
+    os.umask(0o077)  # the DB, logs, uploads, exports and page state are readable by this user only
     host = os.environ.get("BACKPROPAGATE_UI_HOST", "127.0.0.1")
     port = int(os.environ.get("BACKPROPAGATE_UI_PORT", "7860"))
     from reflex_base import constants

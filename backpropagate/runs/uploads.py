@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import csv
 import json
+import os
 import secrets
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -16,6 +17,7 @@ from backpropagate.errors import BackpropError, ErrorCode
 from backpropagate.runs.store import DatasetRow, Store
 from backpropagate.settings import Settings
 
+UPLOAD_LIMIT_SETTING = "BACKPROPAGATE_SERVER__MAX_UPLOAD_MB"
 ALLOWED_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
 
 
@@ -39,6 +41,7 @@ def too_large(filename: str, settings: Settings, size: int | None = None) -> Bac
     return BackpropError(
         ErrorCode.INPUT_UPLOAD_TOO_LARGE,
         f"The upload limit is {settings.server.max_upload_mb} MB and {filename!r} {said}.",
+        hint=f"Split the file, or raise {UPLOAD_LIMIT_SETTING} (Settings.server.max_upload_mb) on the server.",
     )
 
 
@@ -78,7 +81,8 @@ async def store_upload(
     target = settings.datasets_dir / f"{dataset_id}{suffix}"
     size = 0
     try:
-        with target.open("wb") as out:
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as out:
             async for chunk in chunks:
                 size += len(chunk)
                 if size > limit:

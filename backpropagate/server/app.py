@@ -40,14 +40,22 @@ def _validation_code(request: Request, exc: RequestValidationError) -> ErrorCode
     return ErrorCode.CONFIG_INVALID if creates_run and not malformed else ErrorCode.INPUT_REQUEST_INVALID
 
 
+_CLIP = 300
+
+
+def _clip(text: str) -> str:
+    """Never echo a request's input at length in an error answer."""
+    return text if len(text) <= _CLIP else text[:_CLIP] + f"… ({len(text)} characters)"
+
+
 async def _on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     parts = []
     for err in exc.errors():
         where = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body"
-        parts.append(f"{where}: {err.get('msg')}")
+        parts.append(_clip(f"{where}: {err.get('msg')}"))
     code = _validation_code(request, exc)
     prefix = "Invalid run configuration: " if code == ErrorCode.CONFIG_INVALID else "Invalid request: "
-    return error_response(BackpropError(code, prefix + "; ".join(parts), problems=parts))
+    return error_response(BackpropError(code, _clip(prefix + "; ".join(parts)), problems=parts[:20]))
 
 
 async def _on_backprop_error(_request: Request, exc: BackpropError) -> JSONResponse:
@@ -68,7 +76,7 @@ async def _on_http_error(_request: Request, exc: StarletteHTTPException) -> JSON
 
 async def _on_unexpected(_request: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error in a request", exc_info=exc)
-    return error_response(BackpropError(ErrorCode.RUNTIME_INTERNAL, f"{type(exc).__name__}: {exc}"))
+    return error_response(BackpropError(ErrorCode.RUNTIME_INTERNAL, _clip(f"{type(exc).__name__}: {exc}")))
 
 
 def create_app(

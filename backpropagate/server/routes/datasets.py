@@ -11,8 +11,10 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from fastapi import APIRouter, Query, Request, UploadFile
+from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel
+from starlette.datastructures import UploadFile as StarletteUploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
 
 from backpropagate.errors import BackpropError, ErrorCode
 from backpropagate.runs.uploads import store_upload, too_large, upload_limit, upload_suffix
@@ -67,22 +69,62 @@ def preview_rows(path: Path, fmt: str, n: int) -> list[Any]:
     return []
 
 
-@router.post("/datasets", status_code=201, response_model=DatasetPublic)
-async def upload_dataset(
-    request: Request, file: UploadFile, service: ServiceDep, settings: SettingsDep
-) -> DatasetPublic:
-    """Store an uploaded file under a generated name; refuse other types and files over the limit."""
-    original = Path(file.filename or "upload").name
-    upload_suffix(original)  # refuse a wrong type before reading the body
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > upload_limit(settings) + 64 * 1024:
-        raise too_large(original, settings, int(declared))
+_UPLOAD_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {"file": {"type": "string", "format": "binary"}},
+                    "required": ["file"],
+                }
+            }
+        },
+    }
+}
 
-    async def chunks() -> AsyncIterator[bytes]:
-        while chunk := await file.read(CHUNK):
+
+@router.post("/datasets", status_code=201, response_model=DatasetPublic, openapi_extra=_UPLOAD_BODY)
+async def upload_dataset(request: Request, service: ServiceDep, settings: SettingsDep) -> DatasetPublic:
+    """Store an uploaded file under a generated name; refuse other types and files over the limit.
+
+    The body is read as it arrives with a running byte count (chunked bodies too): past the limit
+    the request stops with 413 and nothing is kept.
+    """
+    limit = upload_limit(settings)
+    slack = 64 * 1024  # multipart boundaries and part headers
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit + slack:
+        raise too_large("the upload", settings, int(declared))
+
+    async def body() -> AsyncIterator[bytes]:
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit + slack:
+                raise too_large("the upload", settings)
             yield chunk
 
-    row = await store_upload(service.store, settings, original, chunks())
+    parser = MultiPartParser(request.headers, body(), max_files=1, max_fields=10)
+    try:
+        form = await parser.parse()
+    except MultiPartException as exc:
+        raise BackpropError(ErrorCode.INPUT_REQUEST_INVALID, f"The upload is not valid multipart data: {exc}") from exc
+    try:
+        file = form.get("file")
+        if not isinstance(file, StarletteUploadFile):
+            raise BackpropError(ErrorCode.INPUT_REQUEST_INVALID, "The upload needs a file field named 'file'.")
+        original = Path(file.filename or "upload").name
+        upload_suffix(original)
+
+        async def chunks() -> AsyncIterator[bytes]:
+            while chunk := await file.read(CHUNK):
+                yield chunk
+
+        row = await store_upload(service.store, settings, original, chunks())
+    finally:
+        await form.close()
     return DatasetPublic.model_validate(row.model_dump())
 
 
