@@ -53,7 +53,7 @@ def test_every_handler_with_parameters_is_in_the_registry() -> None:
 def service(tmp_path: Path) -> Any:
     from ui_app.state import service as ui_service
 
-    settings = Settings(home=tmp_path / "home")
+    settings = Settings(home=tmp_path / "home", server={"max_upload_mb": 1})
     settings.datasets_dir.mkdir(parents=True, exist_ok=True)
     store = SimpleNamespace(find_dataset=lambda _value: None)
     ui_service.use_service(SimpleNamespace(settings=settings, store=store))
@@ -100,3 +100,24 @@ def test_pick_example_event_gives_no_preview(service: Any) -> None:
 def test_run_dir_refuses_ids_that_leave_runs_dir(service: Any, run_id: str) -> None:
     with pytest.raises(BackpropError):
         service.run_dir(run_id)
+
+
+def test_web_upload_is_copied_in_chunks_under_the_limit(service: Any, tmp_path: Path) -> None:
+    import io
+
+    from backpropagate.runs.uploads import upload_limit
+
+    settings = service.run_service().settings
+    big = upload_limit(settings) + 1
+    with pytest.raises(BackpropError) as err:
+        asyncio.run(service.save_upload("big.jsonl", io.BytesIO(b""), size=big))
+    assert err.value.code == ErrorCode.INPUT_UPLOAD_TOO_LARGE
+
+    class Endless(io.RawIOBase):
+        def read(self, n: int = -1) -> bytes:
+            return b"x" * (n if n > 0 else 1 << 20)
+
+    with pytest.raises(BackpropError) as err:
+        asyncio.run(service.save_upload("big.jsonl", Endless()))
+    assert err.value.code == ErrorCode.INPUT_UPLOAD_TOO_LARGE
+    assert not any(settings.datasets_dir.iterdir())

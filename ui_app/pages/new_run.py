@@ -225,10 +225,9 @@ class NewRunState(rx.State):
     @rx.event
     async def handle_upload(self, files: list[rx.UploadFile]):
         for f in files[:1]:
-            data = await f.read()
             name = f.name or "upload.jsonl"
             try:
-                row = await service.save_upload(name, data)
+                row = await service.save_upload(name, f.file, f.size)
             except BackpropError as exc:
                 self.errors = [{"where": name, "message": f"[{exc.code}] {exc.message}"}]
                 return

@@ -11,7 +11,7 @@ import asyncio
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from backpropagate.errors import BackpropError, ErrorCode
 from backpropagate.events import read_events
@@ -169,14 +169,25 @@ async def log_tail(run_id: str, lines: int = 40) -> str:
 # ---- data sets, models, system ------------------------------------------------------------------
 
 
-async def save_upload(filename: str, data: bytes) -> dict[str, Any]:
-    """Store an uploaded data set under a generated name and record it; returns its record."""
-    from backpropagate.runs.uploads import store_upload
+async def save_upload(filename: str, data: bytes | BinaryIO, size: int | None = None) -> dict[str, Any]:
+    """Store an uploaded data set under a generated name and record it; returns its record.
 
-    async def chunks() -> AsyncIterator[bytes]:
-        yield data
+    A file object is copied in chunks under the size limit (a declared ``size`` over it is refused first).
+    """
+    from backpropagate.runs.uploads import store_upload, too_large, upload_limit, upload_suffix
 
     svc = run_service()
+    upload_suffix(filename)
+    if size is not None and size > upload_limit(svc.settings):
+        raise too_large(filename, svc.settings, size)
+
+    async def chunks() -> AsyncIterator[bytes]:
+        if isinstance(data, bytes):
+            yield data
+            return
+        while chunk := await asyncio.to_thread(data.read, 1 << 20):
+            yield chunk
+
     return _as_dict(await store_upload(svc.store, svc.settings, filename, chunks()))
 
 
