@@ -25,7 +25,13 @@ from backpropagate.server.security.asgi import (
     send_response,
     without_headers,
 )
-from backpropagate.server.security.sessions import LOCAL_USER, Authenticator, drop_cookie, read_cookie
+from backpropagate.server.security.sessions import (
+    LOCAL_USER,
+    Authenticator,
+    HashingBusy,
+    drop_cookie,
+    read_cookie,
+)
 
 EXEMPT_PATHS = frozenset({"/login", "/api/auth/login", "/ping", "/_health", "/favicon.ico"})
 
@@ -56,9 +62,11 @@ class Authenticate:
         authorization = header(scope, "authorization")
         sid: str | None = None
         if authorization is not None:
-            user = await self._check_authorization(authorization)
+            try:
+                user = await self._check_authorization(authorization, client_ip(scope))
+            except HashingBusy:
+                return await refuse(scope, receive, send, ErrorCode.AUTH_RATE_LIMITED)
             if user is None:
-                self.auth.throttle.record_failure(client_ip(scope))
                 return await refuse(scope, receive, send, ErrorCode.AUTH_INVALID_CREDENTIALS)
         else:
             sid = self.auth.session_id(read_cookie(header(scope, "cookie"), self.auth.cookie_name))
@@ -75,19 +83,31 @@ class Authenticate:
         inner["state"] = {**scope.get("state", {}), "user": user}
         await self.app(inner, receive, send)
 
-    async def _check_authorization(self, value: str) -> str | None:
+    async def _check_authorization(self, value: str, ip: str) -> str | None:
+        """The user an Authorization header proves. Every uncached check is counted before it runs
+        (so parallel guesses cannot all slip under the limit); raises HashingBusy when blocked."""
         scheme, _, credentials = value.strip().partition(" ")
         scheme = scheme.lower()
-        if scheme == "bearer" and self.auth.check_token(credentials.strip()):
-            return LOCAL_USER
+        if scheme == "bearer":
+            if self.auth.check_token(credentials.strip()):
+                return LOCAL_USER
+            self.auth.throttle.record_failure(ip)
+            return None
         if scheme == "basic" and self.auth.policy.users:
             try:
                 decoded = base64.b64decode(credentials.strip(), validate=True).decode("utf-8")
             except (binascii.Error, UnicodeDecodeError):
                 return None
             user, sep, password = decoded.partition(":")
-            if sep and await self.auth.check_password(user, password):
+            if sep and self.auth.cached_password(user, password):
                 return user
+            if not self.auth.throttle.reserve(ip):
+                raise HashingBusy
+            if sep and await self.auth.check_password(user, password):
+                self.auth.throttle.refund(ip)
+                return user
+            return None
+        self.auth.throttle.record_failure(ip)
         return None
 
     async def _exchange_token(

@@ -24,7 +24,7 @@ from backpropagate.server.security.asgi import (
     send_response,
 )
 from backpropagate.server.security.authenticate import is_https
-from backpropagate.server.security.sessions import LOCAL_USER, Authenticator, read_cookie
+from backpropagate.server.security.sessions import LOCAL_USER, Authenticator, HashingBusy, read_cookie
 
 _PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
@@ -100,7 +100,13 @@ class AuthEndpoints:
         await handler(scope, receive, send)
 
     async def _verify(self, scope: Scope, fields: dict[str, str]) -> str | None:
-        """The user these fields prove, or None (and one more failure counted for this IP)."""
+        """The user these fields prove, or None. The attempt is counted before the check.
+
+        Raises HashingBusy when this IP is blocked or too many checks are running (429).
+        """
+        ip = client_ip(scope)
+        if not self.auth.throttle.reserve(ip):
+            raise HashingBusy
         user: str | None = None
         if self.auth.policy.mode == "local":
             if self.auth.check_token(fields.get("token")):
@@ -109,9 +115,17 @@ class AuthEndpoints:
             name, password = fields.get("username", ""), fields.get("password", "")
             if name and password and await self.auth.check_password(name, password):
                 user = name
-        if user is None:
-            self.auth.throttle.record_failure(client_ip(scope))
+        if user is not None:
+            self.auth.throttle.refund(ip)
         return user
+
+    async def _verify_or_refuse(self, scope: Scope, send: Send, fields: dict[str, str]) -> str | bool | None:
+        """The user, None for wrong credentials, or False when a 429 was already sent."""
+        try:
+            return await self._verify(scope, fields)
+        except HashingBusy:
+            await send_error(send, ErrorCode.AUTH_RATE_LIMITED, "Too many login attempts; wait and retry.")
+            return False
 
     async def login_page(self, scope: Scope, receive: Receive, send: Send) -> None:
         query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
@@ -129,8 +143,10 @@ class AuthEndpoints:
         body = await read_body(receive)
         fields = dict(parse_qsl((body or b"").decode("utf-8", "replace")))
         next_path = safe_next(fields.get("next"))
-        user = await self._verify(scope, fields)
-        if user is None:
+        user = await self._verify_or_refuse(scope, send, fields)
+        if user is False:
+            return None
+        if not isinstance(user, str):
             page = render_login(self.auth.policy.mode, next_path, "Wrong credentials. Try again.")
             return await send_response(send, 401, page, "text/html; charset=utf-8")
         cookie = self.auth.set_cookie(self.auth.start_session(user), secure=is_https(scope))
@@ -147,8 +163,10 @@ class AuthEndpoints:
             return await send_error(
                 send, ErrorCode.INPUT_REQUEST_INVALID, "Send a JSON object with username and password."
             )
-        user = await self._verify(scope, fields)
-        if user is None:
+        user = await self._verify_or_refuse(scope, send, fields)
+        if user is False:
+            return None
+        if not isinstance(user, str):
             return await send_error(send, ErrorCode.AUTH_INVALID_CREDENTIALS)
         cookie = self.auth.set_cookie(self.auth.start_session(user), secure=is_https(scope))
         await send_json(send, 200, self.auth.me(user), [cookie])

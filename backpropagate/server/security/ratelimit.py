@@ -66,6 +66,22 @@ class LoginThrottle:
     def __init__(self, failures: int = 5, per_minutes: float = 1.0) -> None:
         self.buckets = TokenBuckets(failures, failures / (per_minutes * 60.0))
 
+    def reserve(self, ip: str) -> bool:
+        """Count an attempt before its credentials are checked; False when the IP is blocked.
+
+        Counting first means parallel guesses cannot all pass the check before any is recorded.
+        Call ``refund`` when the credentials turn out right.
+        """
+        if not self.buckets.take(ip):
+            return False
+        if self.blocked(ip):
+            log.warning("failed logins from %s reached the limit; refusing its attempts for now", ip)
+        return True
+
+    def refund(self, ip: str) -> None:
+        tokens, last = self.buckets._buckets.get(ip, (self.buckets.capacity, time.monotonic()))
+        self.buckets._buckets[ip] = (min(self.buckets.capacity, tokens + 1.0), last)
+
     def record_failure(self, ip: str) -> None:
         # The address only: a mistyped password often lands in the user name field.
         self.buckets.take(ip)

@@ -11,6 +11,7 @@ import hashlib
 import hmac
 import secrets
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from backpropagate.server.security.passwords import verify_password
@@ -18,6 +19,14 @@ from backpropagate.server.security.policy import SecurityPolicy, hash_token
 from backpropagate.server.security.ratelimit import LoginThrottle
 
 LOCAL_USER = "local"
+MAX_CONCURRENT_HASHES = 4
+# Password hashing is slow on purpose; its own small pool keeps a flood of guesses from
+# starving the default pool every other route runs in.
+_HASH_POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="backprop-pwhash")
+
+
+class HashingBusy(Exception):
+    """Too many password checks are already running; answer 429 at once."""
 
 
 class Authenticator:
@@ -34,6 +43,7 @@ class Authenticator:
         self._key = hashlib.sha256(("basic-cache:" + policy.session_secret).encode()).digest()
         self._sessions: dict[str, tuple[str, float]] = {}  # id -> (user, expires at)
         self._verified: dict[bytes, tuple[str, float]] = {}  # HMAC(user:password) -> (user, until)
+        self._hashing = 0
 
     # Sessions -------------------------------------------------------------------------------
     def start_session(self, user: str) -> str:
@@ -87,13 +97,32 @@ class Authenticator:
             return False
         return hmac.compare_digest(hash_token(token), expected)
 
+    def _cache_key(self, user: str, password: str) -> bytes:
+        return hmac.new(self._key, f"{user}\x00{password}".encode(), hashlib.sha256).digest()
+
+    def cached_password(self, user: str, password: str) -> bool:
+        """Whether this pair was verified recently (API clients send Basic on every request)."""
+        hit = self._verified.get(self._cache_key(user, password))
+        return bool(hit and hit[1] > time.time() and user in self.policy.users)
+
     async def check_password(self, user: str, password: str) -> bool:
-        """Verify against the argon2 hash off the event loop; remember successes for API clients."""
-        key = hmac.new(self._key, f"{user}\x00{password}".encode(), hashlib.sha256).digest()
-        hit = self._verified.get(key)
-        if hit and hit[1] > time.time() and user in self.policy.users:
+        """Verify against the argon2 hash in a small pool of its own; remember successes.
+
+        Raises HashingBusy when MAX_CONCURRENT_HASHES checks are already running.
+        """
+        key = self._cache_key(user, password)
+        if self.cached_password(user, password):
             return True
-        ok = await asyncio.to_thread(verify_password, password, self.policy.users.get(user))
+        if self._hashing >= MAX_CONCURRENT_HASHES:
+            raise HashingBusy
+        self._hashing += 1
+        try:
+            loop = asyncio.get_running_loop()
+            ok = await loop.run_in_executor(
+                _HASH_POOL, verify_password, password, self.policy.users.get(user)
+            )
+        finally:
+            self._hashing -= 1
         if ok:
             if len(self._verified) > 1000:
                 self._verified.clear()
