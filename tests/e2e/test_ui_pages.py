@@ -66,6 +66,8 @@ def test_header_shows_mode_and_pages_render(ui: Page, ui_server) -> None:  # noq
     ui.goto(ui_server.base + "/")
     expect(ui.locator("#mode-badge")).to_have_text("Local", timeout=20000)
     expect(ui.locator("#no-runs")).to_be_visible()
+    # the logo is the tab's icon, inlined: no /favicon.ico request that ends in a 404
+    expect(ui.locator("link[rel=icon]")).to_have_attribute("href", re.compile(r"^data:image/svg\+xml,"))
     shot(ui, "runs-empty")
     ui.goto(ui_server.base + "/chat")
     # with no GGUF export yet the page points to Export; once one exists it offers the chat form

@@ -90,6 +90,7 @@ def _downloads(files: rx.Var, export_id: rx.Var) -> rx.Component:
                     rx.icon("download", size=14), f["name"], " (", f["size"], ")", variant="soft", size="1"
                 ),
                 href=f["href"],
+                on_click=rx.download(url=f["href"], filename=f["name"]).prevent_default,
                 class_name="export-download",
                 custom_attrs={"download": f["name"], "data-file": f["name"], "data-export": export_id},
             ),
