@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from realapp_helpers import PASSWORD
 from test_security_guard import Server, free_port, make_policy, start_server, stop_server
 
 
@@ -47,3 +48,23 @@ def test_hardening_parallel_wrong_basic_auth_hit_the_limit(server: Server) -> No
     codes = _parallel(server, lambda c: c.get("/api/runs", headers={"authorization": bad}), "127.0.0.22")
     assert set(codes) <= {401, 429}, codes
     assert codes.count(401) <= 5, codes
+
+
+def test_hardening_non_latin1_next_is_no_500(server: Server) -> None:
+    with server.client("127.0.0.23") as c:
+        r = c.get("/login", params={"next": "/runs/\u0442\u0435\u0441\u0442\u2603"})
+        assert r.status_code == 200
+        r = c.post(
+            "/login",
+            data={"username": "alice", "password": PASSWORD, "next": "/runs/\u2603"},
+            headers={"origin": server.origin},
+        )
+        assert r.status_code == 303
+        assert r.headers["location"] == "/runs/%E2%98%83"
+
+
+def test_hardening_csp_connects_only_to_self(server: Server) -> None:
+    with server.client("127.0.0.24") as c:
+        csp = c.get("/login").headers["content-security-policy"]
+    assert "connect-src 'self';" in csp
+    assert "ws:" not in csp

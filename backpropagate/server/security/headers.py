@@ -6,14 +6,14 @@ from backpropagate.server.security.asgi import ASGIApp, Message, Receive, Scope,
 
 # Reflex's production bundle injects inline styles and a small inline bootstrap script, so both
 # need 'unsafe-inline'; its event loop runs rx.call_script / call_function through eval(), hence
-# 'unsafe-eval'. The socket goes to the page's own host (ws: or wss:).
+# 'unsafe-eval'. The socket goes to the page's own host only: CSP3 'self' covers ws:/wss: there.
 DEFAULT_CSP = (
     "default-src 'self'; "
     "script-src 'self' 'unsafe-inline' 'unsafe-eval'; "
     "style-src 'self' 'unsafe-inline'; "
     "img-src 'self' data: blob:; "
     "font-src 'self' data:; "
-    "connect-src 'self' ws: wss:; "
+    "connect-src 'self'; "
     "object-src 'none'; "
     "base-uri 'self'; "
     "form-action 'self'; "

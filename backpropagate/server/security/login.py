@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import html
 import json
-from urllib.parse import parse_qs, parse_qsl
+from urllib.parse import parse_qs, parse_qsl, quote
 
 from backpropagate.errors import ErrorCode
 from backpropagate.server.security.asgi import (
@@ -64,9 +64,10 @@ def safe_next(value: str | None) -> str:
     """Only same-site paths: ``/runs`` yes, ``//evil.com`` or ``https://evil.com`` no."""
     if not value or not value.startswith("/") or value.startswith("//") or "\\" in value:
         return "/"
-    if any(ord(c) < 32 for c in value):
+    if any(ord(c) < 32 for c in value) or len(value) > 2048:
         return "/"
-    return value
+    # Percent-encode anything outside ASCII: the value ends up in a latin-1 Location header.
+    return quote(value, safe="/?&=%#:;,+-._~!$'()*@")
 
 
 def render_login(mode: str, next_path: str, error: str | None = None) -> bytes:
