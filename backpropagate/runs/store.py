@@ -12,16 +12,32 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import String, TypeDecorator, text
 from sqlalchemy import event as sa_event
-from sqlalchemy import text
 from sqlmodel import JSON, Column, Field, Session, SQLModel, create_engine, select
 
+from backpropagate import events
 from backpropagate.errors import BackpropError, ErrorCode
-from backpropagate.events import FINAL_TYPES, EventBase, read_events
+from backpropagate.events import FINAL_TYPES, EventBase, RunStatus, read_events
 
-ACTIVE_STATUSES = frozenset({"queued", "running", "paused"})
-RESUMABLE_STATUSES = frozenset({"cancelled", "failed", "interrupted"})
+# The status sets live with the event schema; re-exported for the store's callers.
+ACTIVE_STATUSES = events.ACTIVE_STATUSES
+RESUMABLE_STATUSES = events.RESUMABLE_STATUSES
+
 SCHEMA_VERSION = 1
+
+
+class StatusColumn(TypeDecorator):
+    """A RunStatus stored as its plain value ("queued"): a database written before the enum reads the same."""
+
+    impl = String
+    cache_ok = True
+
+    def process_bind_param(self, value: Any, dialect: Any) -> str | None:
+        return None if value is None else RunStatus(value).value
+
+    def process_result_value(self, value: Any, dialect: Any) -> RunStatus | None:
+        return None if value is None else RunStatus(value)
 
 
 class Run(SQLModel, table=True):
@@ -30,7 +46,7 @@ class Run(SQLModel, table=True):
     id: str = Field(primary_key=True)
     name: str | None = None
     config: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON))
-    status: str = Field(default="queued", index=True)
+    status: RunStatus = Field(default=RunStatus.QUEUED, sa_type=StatusColumn, index=True)
     created_at: float = Field(default_factory=time.time)
     started_at: float | None = None
     ended_at: float | None = None
