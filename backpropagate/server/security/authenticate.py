@@ -81,7 +81,35 @@ class Authenticate:
         inner["backprop.user"] = user
         inner["backprop.session"] = sid
         inner["state"] = {**scope.get("state", {}), "user": user}
+        if scope["type"] == "websocket" and sid is not None:
+            receive, send = self._bound_to_session(sid, receive, send)
         await self.app(inner, receive, send)
+
+    def _bound_to_session(self, sid: str, receive: Receive, send: Send) -> tuple[Receive, Send]:
+        """Re-check the session on every socket message; close with 1008 once it ended or expired."""
+        ended = False
+
+        async def close() -> None:
+            nonlocal ended
+            if not ended:
+                ended = True
+                await send({"type": "websocket.close", "code": 1008})
+
+        async def checked_receive() -> dict:
+            message = await receive()
+            if message["type"] == "websocket.receive" and not self.auth.session_alive(sid):
+                await close()
+                return {"type": "websocket.disconnect", "code": 1008}
+            return message
+
+        async def checked_send(message: dict) -> None:
+            if ended:
+                return
+            if message["type"] == "websocket.send" and not self.auth.session_alive(sid):
+                return await close()
+            await send(message)
+
+        return checked_receive, checked_send
 
     async def _check_authorization(self, value: str, ip: str) -> str | None:
         """The user an Authorization header proves. Every uncached check is counted before it runs

@@ -73,6 +73,11 @@ class Authenticator:
             return None
         return sid
 
+    def session_alive(self, sid: str) -> bool:
+        """Whether session ``sid`` is still in the table and unexpired (re-checked on open sockets)."""
+        entry = self._sessions.get(sid)
+        return entry is not None and entry[1] >= time.time()
+
     def session_user(self, sid: str | None) -> str | None:
         entry = self._sessions.get(sid) if sid else None
         return entry[0] if entry else None
