@@ -86,3 +86,10 @@ def test_run_dir_refuses_paths() -> None:
     for bad in ("../etc", "a/b", ".hidden", ""):
         with pytest.raises(BackpropError):
             service.run_dir(bad)
+
+
+def test_a_list_field_is_comma_separated_text():
+    assert DEFAULTS["report_to"] == "" and all("PydanticUndefined" not in f["default"] for f in FIELDS)
+    values = {**DEFAULTS, "data": "x.jsonl", "model": "demo", "report_to": "tensorboard"}
+    assert RunConfig.parse(form_to_config(values)).report_to == ["tensorboard"]
+    assert RunConfig.parse(form_to_config({**values, "report_to": ""})).report_to == []

@@ -51,6 +51,8 @@ def _to_text(value: Any) -> str:
         return ""
     if isinstance(value, bool):
         return "true" if value else "false"
+    if isinstance(value, list):  # e.g. report_to: comma-separated, empty for none
+        return ",".join(str(v) for v in value)
     return str(value)
 
 
@@ -62,10 +64,11 @@ def field_specs() -> list[dict[str, Any]]:
             continue
         choices = _choices(info.annotation)
         free = any(a in (int, float, str) for a in typing.get_args(info.annotation))
+        free = free or typing.get_origin(info.annotation) is list  # several values: comma-separated text
         specs.append(
             {
                 "name": name,
-                "default": "" if info.is_required() else _to_text(info.default),
+                "default": "" if info.is_required() else _to_text(info.get_default(call_default_factory=True)),
                 "choices": [] if free and set(choices) != {"true", "false"} else choices,
                 "help": info.description or "",
             }
