@@ -52,3 +52,12 @@ def test_hardening_open_socket_closed_after_logout() -> None:
     asyncio.run(Authenticate(echo_app, auth)(scope, receive, send))
     assert echoed == ["one"]
     assert sent[-1] == {"type": "websocket.close", "code": 1008}
+
+
+def test_hardening_cookie_from_another_instance_refused() -> None:
+    policy, _ = make_policy("basic", free_port())
+    first, second = Authenticator(policy), Authenticator(policy)
+    cookie = first.start_session("alice")
+    assert first.session_id(cookie) is not None
+    second._sessions.update(first._sessions)  # even the same session id is refused: the MAC differs
+    assert second.session_id(cookie) is None

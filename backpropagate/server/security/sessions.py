@@ -39,7 +39,9 @@ class Authenticator:
         self.throttle = throttle or LoginThrottle()
         self.max_age = int(policy.session_hours * 3600)
         self.cookie_name = f"backprop_session_{policy.port}"  # cookies ignore ports; ours must not clash
-        self._signer = URLSafeTimedSerializer(policy.session_secret, salt="backprop-session")
+        # A per-launch secret and the port in the MAC: another instance on this host refuses our cookie.
+        salt = f"backprop-session:{policy.port}:{secrets.token_hex(16)}"
+        self._signer = URLSafeTimedSerializer(policy.session_secret, salt=salt)
         self._key = hashlib.sha256(("basic-cache:" + policy.session_secret).encode()).digest()
         self._sessions: dict[str, tuple[str, float]] = {}  # id -> (user, expires at)
         self._verified: dict[bytes, tuple[str, float]] = {}  # HMAC(user:password) -> (user, until)
