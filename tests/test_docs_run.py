@@ -45,8 +45,8 @@ SERVERS = [
 SERVE_TIMEOUT = 90
 # Commands that prompt: what they read on stdin.
 INPUTS = [(re.compile(r"^backprop users add \w+\s*(#|$)"), "docs-password\ndocs-password\n")]
-# curl answers that are right for the shared (completed) run.
-STATE_ANSWERS = {"STATE_RUN_NOT_RESUMABLE"}
+# curl answers that depend on where the run is (queued, running, completed) when the line runs.
+STATE_ANSWERS = {"STATE_RUN_NOT_RESUMABLE", "STATE_RUN_NOT_ACTIVE", "STATE_RUN_ACTIVE"}
 
 
 @dataclass
@@ -145,6 +145,7 @@ def world(tmp_path_factory):
         with open(work / "train.jsonl", "rb") as f:
             dataset = httpx.post(api + "/api/datasets", files={"file": f}, timeout=30).json()
         env.update(API=api, RUN=run_id, EXPORT=str(export.get("id", "")), PW="docs-password")
+        wait_export(api, export["id"])
         chat = start_chat_server(run_id, work, env)
         stack.append(chat["proc"])
         values = {
@@ -158,7 +159,13 @@ def world(tmp_path_factory):
             "ws://127.0.0.1:8000": api.replace("http", "ws"),
             "--port 8000": f"--port {free_port()}",
         }
-        pages = {"docs/export.md": {"http://127.0.0.1:8000": chat["url"]}}
+        clone = httpx.post(f"{api}/api/runs/{run_id}/clone", json={}, timeout=30).json()
+        clone = clone.get("id") or clone["run_id"]
+        # The run-management example ends in DELETE: it gets a clone of the shared run.
+        pages = {
+            "docs/export.md": {"http://127.0.0.1:8000": chat["url"]},
+            "docs/api.md:68": {EXAMPLE_RUN: clone},
+        }
         yield {"work": work, "env": env, "values": values, "pages": pages}
     finally:
         for proc in stack:
@@ -179,6 +186,14 @@ def wait_http(url: str, proc: subprocess.Popen, log: Path) -> None:
             pass
         assert proc.poll() is None and time.time() < deadline, log.read_text()
         time.sleep(0.2)
+
+
+def wait_export(api: str, export_id: str) -> None:
+    deadline = time.time() + 120
+    while (status := httpx.get(f"{api}/api/exports/{export_id}", timeout=10).json())["status"] == "running":
+        assert time.time() < deadline, status
+        time.sleep(0.5)
+    assert status["status"] == "completed", status
 
 
 def start_chat_server(run_id: str, work: Path, env: dict) -> dict:
@@ -228,7 +243,8 @@ def run_serving(command: str, ready: re.Pattern, world) -> tuple[bool, str]:
 
 
 def run_block(block: Block, world) -> tuple[bool, str]:
-    values = {**world["values"], **world["pages"].get(block.page, {})}
+    pages = world["pages"]
+    values = {**world["values"], **pages.get(block.page, {}), **pages.get(block.id, {})}
     values = dict(sorted(values.items(), key=lambda kv: -len(kv[0])))  # longest first
     if block.lang == "python":
         done = subprocess.run(
@@ -245,7 +261,7 @@ def run_block(block: Block, world) -> tuple[bool, str]:
             stdin = next((text for pattern, text in INPUTS if pattern.search(command)), "")
             done = subprocess.run(
                 ["bash", "-c", "set -o pipefail; " + command], cwd=world["work"], env=world["env"],
-                capture_output=True, text=True, timeout=300, input=stdin,
+                capture_output=True, text=True, timeout=120, input=stdin, start_new_session=True,
             )  # fmt: skip
             ok, output = done.returncode == 0, done.stdout + done.stderr
             code = re.search(r'"code":\s*"([A-Z_]+)"', done.stdout) if command.startswith("curl") else None
@@ -313,7 +329,7 @@ def backprop_lines() -> list[str]:
                     part = re.sub(r"^(\.venv/bin/)", "", part)
                     if part.startswith("backprop "):
                         lines.append(part)
-    return lines
+    return lines + re.findall(r"`(backprop [^`]+)`", doc_text())  # and inline code in the prose
 
 
 def test_documented_flags_exist():
