@@ -223,17 +223,47 @@ def parse_event(data: dict[str, Any] | str | bytes) -> EventBase:
     return _adapter.validate_python(data)
 
 
+_reported_bad_lines: set[tuple[str, int]] = set()
+
+
+def parse_log_line(line: bytes, path: Path | str, lineno: int) -> EventBase | None:
+    """One complete line of a log parsed, or None (with a warning, once) if it is not an event.
+
+    A damaged line never ends a log: readers skip it and carry on with the next one.
+    """
+    try:
+        return parse_event(line)
+    except ValueError as exc:  # pydantic's ValidationError and UnicodeDecodeError are ValueErrors
+        key = (str(path), lineno)
+        if key not in _reported_bad_lines:
+            if len(_reported_bad_lines) > 10_000:
+                _reported_bad_lines.clear()
+            _reported_bad_lines.add(key)
+            from backpropagate.logs import get_logger
+
+            get_logger(__name__).warning(
+                "skipping malformed line %d of %s: %s", lineno, path, str(exc).splitlines()[0]
+            )
+        return None
+
+
 def read_events(path: Path, after: int = 0) -> Iterator[EventBase]:
-    """Events of a log with seq > ``after``. A torn last line (a crash mid-write) is ignored."""
+    """Events of a log with seq > ``after``.
+
+    A torn last line (a crash mid-write) is ignored; a complete line that is not an event is
+    skipped with a warning.
+    """
     path = Path(path)
     if not path.exists():
         return
     with path.open("rb") as fh:
-        for line in fh:
+        for lineno, line in enumerate(fh, start=1):
             if not line.endswith(b"\n"):
                 break  # partially written; the writer will finish or it was lost in a crash
-            event = parse_event(line)
-            if event.seq > after:
+            if not line.strip():
+                continue
+            event = parse_log_line(line, path, lineno)
+            if event is not None and event.seq > after:
                 yield event
 
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from backpropagate.events import FINAL_TYPES, EventBase, parse_event
+from backpropagate.events import FINAL_TYPES, EventBase, parse_log_line
 from backpropagate.logs import get_logger
 from backpropagate.runs.store import Run, Store
 
@@ -66,21 +66,30 @@ class Line:
         return self.event.type  # type: ignore[attr-defined]
 
 
-def parse_lines(raw: list[bytes]) -> list[Line]:
+def parse_lines(raw: list[bytes], path: Path | str = "events.jsonl", first_line: int = 1) -> list[Line]:
+    """Events of complete log lines; a line that is not an event is skipped with a warning."""
     out = []
-    for line in raw:
+    for lineno, line in enumerate(raw, start=first_line):
         line = line.strip()
-        if line:
-            out.append(Line(parse_event(line), line.decode()))
+        if not line:
+            continue
+        event = parse_log_line(line, path, lineno)
+        if event is not None:
+            out.append(Line(event, line.decode()))
     return out
 
 
 class LogTail:
-    """Incremental reader of one ``events.jsonl``: complete lines only, from a byte offset."""
+    """Incremental reader of one ``events.jsonl``: complete lines only, from a byte offset.
+
+    A last line without a newline is still being written and waits for the next read. If the
+    file shrinks (replaced or truncated), reading starts again from its beginning.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.offset = 0
+        self.lines = 0  # complete lines read so far, for line numbers in warnings
         self._partial = b""
 
     def size(self) -> int:
@@ -95,6 +104,9 @@ class LogTail:
     def read_lines(self) -> list[Line]:
         try:
             with self.path.open("rb") as fh:
+                if os.fstat(fh.fileno()).st_size < self.offset:
+                    log.warning("%s shrank; reading it again from the start", self.path)
+                    self.offset, self.lines, self._partial = 0, 0, b""
                 fh.seek(self.offset)
                 data = fh.read(READ_CHUNK)
         except FileNotFoundError:
@@ -103,7 +115,9 @@ class LogTail:
         data = self._partial + data
         lines = data.split(b"\n")
         self._partial = lines.pop()  # b"" after a complete line; else a line still being written
-        return parse_lines(lines)
+        first = self.lines + 1
+        self.lines += len(lines)
+        return parse_lines(lines, self.path, first)
 
 
 OnEnd = Callable[[str, Run | None, bool], Awaitable[None]]
@@ -143,7 +157,7 @@ class EventHub:
             while True:
                 exited = not alive()  # checked before reading: anything written before exit is read
                 events: list[Line] = []
-                if tail.size() > tail.offset:
+                if tail.size() != tail.offset:  # grew, or shrank (then it is read again)
                     events = await asyncio.to_thread(tail.read_lines)
                 if events:
                     for event in events:
@@ -299,9 +313,11 @@ def _read_after(path: Path, after: int) -> list[Line]:
     start = 0
     # seq n sits on line n of a gapless log: skip the lines before it without parsing them all
     # (a subscriber catching up must not cost a parse of the whole history each time).
-    if 0 < after <= len(lines) and parse_event(lines[after - 1]).seq == after:
-        start = after
-    return [line for line in parse_lines(lines[start:]) if line.seq > after]
+    if 0 < after <= len(lines):
+        event = parse_log_line(lines[after - 1], path, after)
+        if event is not None and event.seq == after:
+            start = after
+    return [line for line in parse_lines(lines[start:], path, start + 1) if line.seq > after]
 
 
 def run_status_message(run: Run) -> dict[str, Any]:

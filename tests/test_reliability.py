@@ -1,0 +1,85 @@
+"""Reliability of runs: damaged event logs, stops racing resumes, unique run ids, one worker a run."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import pytest
+from test_api_server import Server, _collect, _create, _kill_workers
+
+from backpropagate.events import EventLog, Step, read_events
+from backpropagate.runs.hub import LogTail, _read_after
+
+
+def _step(n: int, total: int = 9) -> Step:
+    return Step(step=n, total_steps=total, epoch=n / total, loss=1.0 / n, lr=0.1)
+
+
+@pytest.fixture
+def server(tmp_path):
+    srv = Server(tmp_path / "home", BACKPROPAGATE_STANDIN_STEP_S="0.05").start()
+    yield srv
+    srv.stop()
+    _kill_workers(srv.home)
+
+
+def test_garbage_line_in_the_middle_and_torn_tail_keep_every_good_event(tmp_path, caplog):
+    path = tmp_path / "events.jsonl"
+    with EventLog(path, "r") as log:
+        log.append(_step(1))
+        log.append(_step(2))
+    with path.open("ab") as fh:
+        fh.write(b'{"type": "step", "seq": \n')  # a complete line that is not an event
+        fh.write(b"\xff\xfe not even text\n")
+    with EventLog(path, "r") as log:
+        log.append(_step(3))
+    good = path.read_bytes()
+    with path.open("ab") as fh:
+        fh.write(b'{"type": "step", "run_id": "r", "se')  # a writer caught mid-line
+    caplog.set_level(logging.WARNING)
+
+    assert [e.seq for e in read_events(path)] == [1, 2, 3]
+    assert [e.seq for e in read_events(path, after=2)] == [3]
+    assert [e.seq for e in _read_after(path, 0)] == [1, 2, 3]
+    assert [e.seq for e in _read_after(path, 2)] == [3]
+    assert "line 3 of" in caplog.text and "line 4 of" in caplog.text
+
+    tail = LogTail(path)
+    assert [e.seq for e in tail.read()] == [1, 2, 3]
+    assert tail.read() == []  # the torn line waits for the rest
+    path.write_bytes(good[: good.index(b"\n") + 1])  # the file shrinks: read again from the start
+    assert [e.seq for e in tail.read()] == [1]
+
+
+def test_garbage_line_in_a_live_run_does_not_end_it(server):
+    run = _create(server, steps=40)
+    log_path = server.home / "runs" / run["id"] / "events.jsonl"
+    with server.ws(run["id"]) as ws:
+        first = _collect(ws, limit=5)
+        with log_path.open("ab") as fh:
+            fh.write(b"this is not an event\n")
+        rest = _collect(ws)
+    events = first + rest
+    assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+    assert events[-1]["type"] == "completed"
+    assert [e["step"] for e in events if e["type"] == "step"] == list(range(1, 41))
+    final = server.wait_status(run["id"], {"completed"})
+    assert final["step"] == 40
+    metrics = server.get(f"/api/runs/{run['id']}/metrics", params={"max_points": 0})
+    assert metrics.status_code == 200 and metrics.json()["total_points"] == 40
+
+
+def test_stop_right_after_resume_cancels_the_run(server):
+    run = _create(server, steps=200, save_every=100)
+    with server.ws(run["id"]) as ws:
+        _collect(ws, limit=5)
+        assert server.post(f"/api/runs/{run['id']}/stop").status_code == 200
+        assert _collect(ws)[-1]["type"] == "cancelled"
+        # Its worker is still exiting: the resumed run waits in the queue for it.
+        assert server.post(f"/api/runs/{run['id']}/resume").status_code == 200
+    assert server.post(f"/api/runs/{run['id']}/stop").status_code == 200
+    final = server.wait_status(run["id"], {"cancelled"}, timeout=30)
+    time.sleep(1.0)  # a worker that was started anyway would train on meanwhile
+    final = server.get(f"/api/runs/{run['id']}").json()
+    assert final["status"] == "cancelled" and final["step"] < 200
