@@ -7,6 +7,7 @@ import time
 
 import pytest
 from test_api_server import Server, _collect, _create, _kill_workers
+from test_worker_standin import run_training
 
 from backpropagate.events import EventLog, Step, read_events
 from backpropagate.runs.hub import LogTail, _read_after
@@ -14,6 +15,13 @@ from backpropagate.runs.hub import LogTail, _read_after
 
 def _step(n: int, total: int = 9) -> Step:
     return Step(step=n, total_steps=total, epoch=n / total, loss=1.0 / n, lr=0.1)
+
+
+def slow_exit_training(config, run_dir, emit, control=None):
+    """The stand-in engine, then a slow exit after the final event (as a real engine's teardown)."""
+    result = run_training(config, run_dir, emit, control)
+    time.sleep(2.0)
+    return result
 
 
 @pytest.fixture
@@ -70,7 +78,20 @@ def test_garbage_line_in_a_live_run_does_not_end_it(server):
     assert metrics.status_code == 200 and metrics.json()["total_points"] == 40
 
 
-def test_stop_right_after_resume_cancels_the_run(server):
+def test_stop_right_after_resume_cancels_the_run(tmp_path):
+    server = Server(
+        tmp_path / "home",
+        BACKPROPAGATE_STANDIN_STEP_S="0.05",
+        BACKPROPAGATE_ENGINE="test_reliability:slow_exit_training",
+    ).start()
+    try:
+        _stop_right_after_resume(server)
+    finally:
+        server.stop()
+        _kill_workers(server.home)
+
+
+def _stop_right_after_resume(server: Server) -> None:
     run = _create(server, steps=200, save_every=100)
     with server.ws(run["id"]) as ws:
         _collect(ws, limit=5)
@@ -79,7 +100,7 @@ def test_stop_right_after_resume_cancels_the_run(server):
         # Its worker is still exiting: the resumed run waits in the queue for it.
         assert server.post(f"/api/runs/{run['id']}/resume").status_code == 200
     assert server.post(f"/api/runs/{run['id']}/stop").status_code == 200
-    final = server.wait_status(run["id"], {"cancelled"}, timeout=30)
-    time.sleep(1.0)  # a worker that was started anyway would train on meanwhile
+    server.wait_status(run["id"], {"cancelled"}, timeout=30)
+    time.sleep(3.0)  # a worker that was started anyway would train on meanwhile
     final = server.get(f"/api/runs/{run['id']}").json()
     assert final["status"] == "cancelled" and final["step"] < 200

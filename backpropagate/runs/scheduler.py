@@ -123,7 +123,10 @@ class Scheduler:
         """Start queued runs in order while the head of the queue fits (strict FIFO: no overtaking)."""
         async with self._lock:
             while self.queue:
-                run = await asyncio.to_thread(self.store.find_run, self.queue[0])
+                head = self.queue[0]
+                run = await asyncio.to_thread(self.store.find_run, head)
+                if not self.queue or self.queue[0] != head:
+                    continue  # stopped (taken off the queue) while it was looked up
                 if run is None or run.status != "queued":
                     self.queue.popleft()
                     continue
@@ -191,7 +194,10 @@ class Scheduler:
     # Control ------------------------------------------------------------------
     async def stop(self, run_id: str) -> Run:
         run = await asyncio.to_thread(self.store.get_run, run_id)
-        if run.status == "queued" and run_id not in self.workers:
+        # A queued run has no worker of its own yet, even while the previous worker of a resumed
+        # run is still exiting after its final event: the stop wins, the new worker never starts.
+        waiting = run_id in self.queue or run_id not in self.workers
+        if run.status == "queued" and waiting:
             with contextlib.suppress(ValueError):
                 self.queue.remove(run_id)
             # No worker writes this log now, so the server may record the end itself.
