@@ -135,7 +135,9 @@ def collect(path: str | Path, data_format: str = "auto") -> Collected:
         try:
             materialized = list(rows)
         except BackpropError as exc:
-            out.file_errors.append(RowIssue(code=str(exc.code), file=source, message=exc.message))
+            line = exc.details.get("line")
+            message = exc.message.removeprefix(f"{source}:{line}: " if line else f"{source}: ")
+            out.file_errors.append(RowIssue(code=str(exc.code), file=source, line=line, message=message))
             continue
         except UnicodeDecodeError as exc:
             out.file_errors.append(RowIssue(file=source, message=f"not UTF-8 text ({exc.reason})"))

@@ -18,6 +18,12 @@ from backpropagate.errors import BackpropError, ErrorCode
 
 SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
 
+# Nesting deeper than this is refused per row: deeper values only crash later steps.
+MAX_DEPTH = 100
+# The most uncompressed bytes one Parquet row group may declare before it is read.
+MAX_ROW_GROUP_BYTES = 1 << 30
+BATCH_ROWS = 1024
+
 
 @dataclass
 class RawRow:
@@ -104,53 +110,109 @@ def _first_char(path: Path) -> str:
     return ""
 
 
+def _decode(raw: bytes, first: bool) -> str:
+    """One line of bytes as text (a BOM at the start of the file is dropped)."""
+    if first and raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]
+    return raw.decode("utf-8")
+
+
+def _not_utf8(exc: UnicodeDecodeError) -> str:
+    return f"not UTF-8 text ({exc.reason} at byte {exc.start + 1} of the line)"
+
+
+def too_deep(value: Any, limit: int = MAX_DEPTH) -> bool:
+    """Whether lists and objects in ``value`` nest deeper than ``limit`` (checked without recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
+        for child in children:
+            if isinstance(child, (dict, list)):
+                if depth + 1 > limit:
+                    return True
+                stack.append((child, depth + 1))
+    return False
+
+
+def parse_json(text: str) -> Any:
+    """``json.loads`` whose only failure is ValueError (too deep raises ValueError too)."""
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        raise ValueError(f"nested more than {MAX_DEPTH} levels deep") from None
+    if too_deep(value):
+        raise ValueError(f"nested more than {MAX_DEPTH} levels deep")
+    return value
+
+
+def _json_row(src: str, lineno: int, text: str) -> RawRow:
+    try:
+        obj = parse_json(text)
+    except json.JSONDecodeError as exc:
+        return RawRow(src, lineno, None, f"invalid JSON: {exc.msg} (column {exc.colno})")
+    except ValueError as exc:
+        return RawRow(src, lineno, None, f"invalid JSON: {exc}")
+    if not isinstance(obj, dict):
+        return RawRow(src, lineno, None, f"expected a JSON object, got {type(obj).__name__}")
+    return RawRow(src, lineno, obj)
+
+
 def _read_jsonl(path: Path) -> Iterator[RawRow]:
+    """One row per non-blank line; each line is decoded on its own, so a bad byte costs one row."""
     src = str(path)
-    with path.open("r", encoding="utf-8-sig", errors="strict") as fh:
-        lineno = 0
-        while True:
+    with path.open("rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
             try:
-                text = fh.readline()
+                text = _decode(raw, lineno == 1)
             except UnicodeDecodeError as exc:
-                yield RawRow(src, lineno + 1, None, f"not UTF-8 text ({exc.reason})")
-                return
-            if not text:
-                return
-            lineno += 1
-            if not text.strip():
-                continue  # blank lines (often a trailing newline) are not rows
-            try:
-                obj = json.loads(text)
-            except json.JSONDecodeError as exc:
-                yield RawRow(src, lineno, None, f"invalid JSON: {exc.msg} (column {exc.colno})")
+                yield RawRow(src, lineno, None, _not_utf8(exc))
                 continue
-            if not isinstance(obj, dict):
-                yield RawRow(src, lineno, None, f"expected a JSON object, got {type(obj).__name__}")
-                continue
-            yield RawRow(src, lineno, obj)
+            if text.strip():  # blank lines (often a trailing newline) are not rows
+                yield _json_row(src, lineno, text)
 
 
 def _read_text(path: Path) -> Iterator[RawRow]:
-    """Plain text: one ``{"text": ...}`` row per paragraph (blocks separated by blank lines)."""
+    """Plain text: one ``{"text": ...}`` row per paragraph (blocks separated by blank lines).
+
+    A line that is not UTF-8 makes its paragraph a bad row named by that line.
+    """
     src = str(path)
     block: list[str] = []
     start = 0
-    lines = path.read_text(encoding="utf-8-sig").splitlines()
-    for lineno, line in enumerate([*lines, ""], start=1):
-        if line.strip():
-            if not block:
-                start = lineno
-            block.append(line)
-        elif block:
-            yield RawRow(src, start, {"text": "\n".join(block)})
-            block = []
+    bad: RawRow | None = None
+    with path.open("rb") as fh:
+        numbered = enumerate(fh, start=1)
+        for lineno, raw in [*numbered, (0, b"")]:
+            try:
+                line = _decode(raw, lineno == 1)
+            except UnicodeDecodeError as exc:
+                bad = bad or RawRow(src, lineno, None, _not_utf8(exc))
+                line = "?"
+            if line.strip():
+                if not block:
+                    start = lineno
+                block.append(line.rstrip("\r\n"))
+            elif block:
+                yield bad or RawRow(src, start, {"text": "\n".join(block)})
+                block, bad = [], None
 
 
 def _read_json(path: Path) -> Iterator[RawRow]:
     src = str(path)
-    text = path.read_text(encoding="utf-8-sig")
+    raw = path.read_bytes()
     try:
-        data = json.loads(text)
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise BackpropError(
+            ErrorCode.DATASET_PARSE_FAILED,
+            f"{src}:{line}: not UTF-8 text ({exc.reason})",
+            file=src,
+            line=line,
+        ) from None
+    try:
+        data = parse_json(text)
     except json.JSONDecodeError as exc:
         if exc.msg == "Extra data":
             # JSON Lines saved with a .json name: read it line by line for per-line errors.
@@ -162,6 +224,8 @@ def _read_json(path: Path) -> Iterator[RawRow]:
             file=src,
             line=exc.lineno,
         ) from None
+    except ValueError as exc:
+        raise BackpropError(ErrorCode.DATASET_PARSE_FAILED, f"{src}: invalid JSON: {exc}", file=src) from None
     if isinstance(data, dict):
         rows = next((data[k] for k in ("data", "rows", "train") if isinstance(data.get(k), list)), None)
         if rows is None:
@@ -182,41 +246,109 @@ def _read_json(path: Path) -> Iterator[RawRow]:
             yield RawRow(src, i, None, f"expected a JSON object, got {type(obj).__name__}")
 
 
+def csv_field_limit() -> int:
+    """Let one CSV cell be as large as an upload may be (the csv module's default is 128 KiB)."""
+    from backpropagate.settings import get_settings
+
+    limit = get_settings().server.max_upload_mb * 1024 * 1024
+    csv.field_size_limit(max(limit, 131072))
+    return limit
+
+
+def _csv_lines(fh: Any, bad: dict[int, str]) -> Iterator[str]:
+    """Decoded physical lines; a line that is not UTF-8 is noted in ``bad`` and read as replaced."""
+    for lineno, raw in enumerate(fh, start=1):
+        try:
+            yield _decode(raw, lineno == 1)
+        except UnicodeDecodeError as exc:
+            bad[lineno] = _not_utf8(exc)
+            yield raw.decode("utf-8", errors="replace")
+
+
 def _read_csv(path: Path) -> Iterator[RawRow]:
     src = str(path)
-    with path.open("r", encoding="utf-8-sig", newline="") as fh:
-        reader = csv.DictReader(fh)
-        if not reader.fieldnames:
-            return
-        for row in reader:
-            # reader.line_num is the physical line the row ended on (quoted cells may span lines)
-            if None in row:
-                yield RawRow(src, reader.line_num, None, "more cells than header columns")
-                continue
-            yield RawRow(src, reader.line_num, {k: _cell(v) for k, v in row.items()})
+    csv_field_limit()
+    bad: dict[int, str] = {}
+    with path.open("rb") as fh:
+        reader = csv.DictReader(_csv_lines(fh, bad))
+        previous = 0
+        try:
+            if not reader.fieldnames:
+                return
+            if bad:
+                line = min(bad)
+                raise BackpropError(
+                    ErrorCode.DATASET_PARSE_FAILED,
+                    f"{src}:{line}: header {bad[line]}",
+                    file=src,
+                    line=line,
+                )
+            previous = reader.line_num
+            for row in reader:
+                # reader.line_num is the physical line the row ended on (quoted cells may span lines)
+                spanned = [n for n in bad if previous < n <= reader.line_num]
+                previous = reader.line_num
+                if spanned:
+                    yield RawRow(src, spanned[0], None, bad[spanned[0]])
+                elif None in row:
+                    yield RawRow(src, reader.line_num, None, "more cells than header columns")
+                else:
+                    yield RawRow(src, reader.line_num, {k: _cell(v) for k, v in row.items()})
+        except csv.Error as exc:
+            line = reader.line_num or 1
+            raise BackpropError(
+                ErrorCode.DATASET_PARSE_FAILED, f"{src}:{line}: CSV error: {exc}", file=src, line=line
+            ) from None
 
 
 def _cell(value: Any) -> Any:
     """CSV cells are strings; a cell holding a JSON list (e.g. messages) is decoded."""
     if isinstance(value, str) and value[:1] == "[" and value.rstrip()[-1:] == "]":
         try:
-            return json.loads(value)
-        except json.JSONDecodeError:
+            return parse_json(value)
+        except ValueError:
             return value
     return value
 
 
-def _read_parquet(path: Path) -> Iterator[RawRow]:
+def open_parquet(path: Path, max_row_group_bytes: int = MAX_ROW_GROUP_BYTES) -> Any:
+    """A ``pyarrow.parquet.ParquetFile`` whose row groups all declare at most ``max_row_group_bytes``."""
     import pyarrow.parquet as pq
 
     src = str(path)
     try:
-        table = pq.read_table(path)
+        pf = pq.ParquetFile(path)
+        sizes = [pf.metadata.row_group(i).total_byte_size for i in range(pf.metadata.num_row_groups)]
     except Exception as exc:  # pyarrow raises several unrelated types for broken files
         raise BackpropError(
             ErrorCode.DATASET_PARSE_FAILED, f"{src}: not a readable Parquet file ({exc})", file=src
         ) from None
-    for i, obj in enumerate(table.to_pylist(), start=1):
+    for i, size in enumerate(sizes):
+        if size > max_row_group_bytes:
+            raise BackpropError(
+                ErrorCode.DATASET_PARSE_FAILED,
+                f"{src}: row group {i + 1} unpacks to {size / 2**20:.0f} MB, over the "
+                f"{max_row_group_bytes / 2**20:.0f} MB limit; write it with smaller row groups.",
+                file=src,
+            )
+    return pf
+
+
+def iter_parquet(pf: Any, src: str, batch_rows: int = BATCH_ROWS) -> Iterator[dict[str, Any]]:
+    """The rows of an open Parquet file, decoded a small batch at a time."""
+    try:
+        for batch in pf.iter_batches(batch_size=batch_rows):
+            yield from batch.to_pylist()
+    except Exception as exc:  # truncated pages and bad encodings surface as several types
+        raise BackpropError(
+            ErrorCode.DATASET_PARSE_FAILED, f"{src}: not a readable Parquet file ({exc})", file=src
+        ) from None
+
+
+def _read_parquet(path: Path) -> Iterator[RawRow]:
+    src = str(path)
+    pf = open_parquet(path)
+    for i, obj in enumerate(iter_parquet(pf, src), start=1):
         yield RawRow(src, i, obj)
 
 
