@@ -83,6 +83,32 @@ class RunConfig(BaseModel):
     use_rslora: bool = Field(False, description="Rank-stabilised LoRA scaling (alpha / sqrt(r)).")
     use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA).")
 
+    # Objective
+    objective: Literal["sft", "dpo", "orpo", "simpo", "kto"] = Field(
+        "sft",
+        description=(
+            "Training objective. `sft` learns the responses (preference rows train on `chosen`); "
+            "`dpo`, `orpo`, `simpo` need {prompt, chosen, rejected} pairs; `kto` needs "
+            "{prompt, completion, label} rows."
+        ),
+    )
+    beta: float = Field(
+        0.1, gt=0, description="DPO and KTO: strength of the pull towards the reference model."
+    )
+    dpo_loss_type: Literal["sigmoid", "ipo", "hinge"] = Field(
+        "sigmoid", description="DPO: loss on the reward margin (sigmoid = DPO, ipo = IPO, hinge = SLiC)."
+    )
+    label_smoothing: float = Field(
+        0.0, ge=0, lt=0.5, description="DPO (sigmoid): assumed share of pairs whose labels are flipped."
+    )
+    simpo_beta: float = Field(2.0, gt=0, description="SimPO: scale of the length-averaged log-probs.")
+    simpo_gamma: float = Field(
+        0.5, ge=0, description="SimPO: target reward margin, as a ratio of `simpo_beta` (gamma/beta)."
+    )
+    orpo_lambda: float = Field(0.1, ge=0, description="ORPO: weight of the odds-ratio term beside SFT.")
+    kto_desirable_weight: float = Field(1.0, gt=0, description="KTO: weight of desirable rows.")
+    kto_undesirable_weight: float = Field(1.0, gt=0, description="KTO: weight of undesirable rows.")
+
     # Schedule
     steps: int | None = Field(None, ge=1, description="Optimizer steps; overrides `epochs` when set.")
     epochs: float = Field(1.0, gt=0, description="Passes over the data when `steps` is not set.")
