@@ -30,7 +30,7 @@ UNPARSED_CHARS = 2000
 def _too_big(path: Path, max_bytes: int) -> BackpropError:
     return BackpropError(
         ErrorCode.DATASET_PARSE_FAILED,
-        f"{path.name}: the rows asked for take more than {max_bytes / 2**20:.0f} MB; preview fewer rows.",
+        f"{path.name}: the rows asked for take more than {max_bytes // 1024:,} KB; preview fewer rows.",
         file=str(path),
     )
 
@@ -43,23 +43,21 @@ def _too_deep(path: Path) -> BackpropError:
     )
 
 
-def _lines(path: Path, max_bytes: int) -> Iterator[tuple[int, str]]:
-    """Numbered lines decoded one by one (bad bytes replaced), stopping at ``max_bytes`` read."""
-    read = 0
+def _lines(path: Path, max_bytes: int) -> Iterator[str]:
+    """Lines decoded one by one (bad bytes replaced); more than ``max_bytes`` in all is refused."""
+    left = max_bytes
     with path.open("rb") as fh:
-        for lineno, raw in enumerate(fh, start=1):
-            read += len(raw)
-            if read > max_bytes:
+        while raw := fh.readline(left + 1):
+            left -= len(raw)
+            if left < 0:
                 raise _too_big(path, max_bytes)
-            text = raw.decode("utf-8", errors="replace")
-            yield lineno, text.removeprefix("\ufeff") if lineno == 1 else text
+            yield raw.decode("utf-8", errors="replace").removeprefix("\ufeff")
 
 
 def _jsonl(path: Path, n: int, max_bytes: int) -> list[Any]:
     out: list[Any] = []
-    for _, line in _lines(path, max_bytes):
-        if len(out) >= n:
-            break
+    lines = _lines(path, max_bytes)
+    while len(out) < n and (line := next(lines, None)) is not None:
         if line.strip():
             try:
                 out.append(parse_json(line))
@@ -125,11 +123,11 @@ def _parse(path: Path, text: str) -> Any:
 def _csv(path: Path, n: int, max_bytes: int) -> list[Any]:
     csv_field_limit()
     lines = _lines(path, max_bytes)
-    reader = csv.DictReader(line for _, line in lines)
+    reader = csv.DictReader(lines)
     try:
-        return [row for row, _ in zip(reader, range(n), strict=False)]
+        return [row for _, row in zip(range(n), reader, strict=False)]
     except csv.Error as exc:
-        line = reader.line_num or 1
+        line = reader.reader.line_num or 1  # DictReader.line_num lags on errors
         raise BackpropError(
             ErrorCode.DATASET_PARSE_FAILED, f"{path.name}:{line}: CSV error: {exc}", file=str(path), line=line
         ) from None
@@ -160,9 +158,8 @@ def preview_rows(path: Path, fmt: str, n: int, max_bytes: int = PREVIEW_MAX_BYTE
         if fmt == "jsonl":
             return _jsonl(path, n, max_bytes)
         if fmt == "txt":
-            return [
-                line.rstrip("\r\n") for (_, line), _ in zip(_lines(path, max_bytes), range(n), strict=False)
-            ]
+            lines = _lines(path, max_bytes)
+            return [line.rstrip("\r\n") for _, line in zip(range(n), lines, strict=False)]
         if fmt == "csv":
             return _csv(path, n, max_bytes)
         if fmt == "json":

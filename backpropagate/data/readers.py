@@ -295,7 +295,7 @@ def _read_csv(path: Path) -> Iterator[RawRow]:
                 else:
                     yield RawRow(src, reader.line_num, {k: _cell(v) for k, v in row.items()})
         except csv.Error as exc:
-            line = reader.line_num or 1
+            line = reader.reader.line_num or 1  # DictReader.line_num lags on errors
             raise BackpropError(
                 ErrorCode.DATASET_PARSE_FAILED, f"{src}:{line}: CSV error: {exc}", file=src, line=line
             ) from None
@@ -347,7 +347,7 @@ def iter_parquet(pf: Any, src: str, batch_rows: int = BATCH_ROWS) -> Iterator[di
 
 def _read_parquet(path: Path) -> Iterator[RawRow]:
     src = str(path)
-    pf = open_parquet(path)
+    pf = open_parquet(path, MAX_ROW_GROUP_BYTES)
     for i, obj in enumerate(iter_parquet(pf, src), start=1):
         yield RawRow(src, i, obj)
 
