@@ -182,6 +182,7 @@ def setup(config: RunConfig, run_dir: Path, emit: Emit, control: RunControl) -> 
     emit(Status(status="running", phase="preparing_data", message=f"Reading {config.data}"))
     data = prepare_datasets(config, tokenizer)
     log.info("data: %d train / %d eval examples", len(data.train), len(data.eval))
+    _check_objective(config, data.stats.formats)
 
     micro_batch, checkpointing = choose_micro_batch(config, model_path, device, log)
     set_seed(config.seed)
@@ -236,6 +237,25 @@ def setup(config: RunConfig, run_dir: Path, emit: Emit, control: RunControl) -> 
         )
     )
     return run
+
+
+def _check_objective(config: RunConfig, formats: dict[str, str]) -> None:
+    """Fail before the model loads when the objective cannot run on this data or method."""
+    from backpropagate.data.preference import check_objective_fits
+
+    check_objective_fits(config.objective, formats)
+    if config.objective == "sft":
+        return
+    if config.objective in ("dpo", "kto") and config.method == "full":
+        raise BackpropError(
+            ErrorCode.CONFIG_INVALID_SETTING,
+            f"{config.objective.upper()} on full fine-tuning needs a reference model; use method=lora",
+        )
+    raise BackpropError(
+        ErrorCode.CONFIG_INVALID_SETTING,
+        f"objective={config.objective}: the training loop does not run preference objectives yet",
+        hint="Train with objective=sft for now (preference pairs then train on `chosen`).",
+    )
 
 
 def _restore(run: Run, log: Any) -> None:
