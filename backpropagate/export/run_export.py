@@ -7,6 +7,7 @@ through ``progress(stage, done, total)``.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -79,6 +80,41 @@ def _llama_cpp_available() -> bool:
     return True
 
 
+PARTIAL_SUFFIX = ".partial"
+
+
+def partial_path(final: Path) -> Path:
+    """Where a file is written before it is complete: ``model.gguf`` -> ``model.gguf.partial``."""
+    return final.with_name(final.name + PARTIAL_SUFFIX)
+
+
+def publish(partial: Path, final: Path) -> Path:
+    """Flush ``partial`` to disk and rename it to ``final`` in one step: no reader sees half a file."""
+    with partial.open("rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(partial, final)
+    dir_fd = os.open(final.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    return final
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` through a ``.partial`` name, so a kill leaves the old file or the new one."""
+    tmp = partial_path(path)
+    tmp.write_text(text)
+    publish(tmp, path)
+
+
+def clear_leftovers(out_dir: Path) -> None:
+    """Remove what a killed export left: the ``.work`` scratch folder and ``*.partial`` files."""
+    shutil.rmtree(out_dir / ".work", ignore_errors=True)
+    for leftover in out_dir.glob(f"*{PARTIAL_SUFFIX}"):
+        leftover.unlink(missing_ok=True)
+
+
 def _validate(fmt: str, quantization: str | None) -> str | None:
     if fmt not in ("adapter", "merged", "gguf"):
         raise BackpropError(
@@ -136,6 +172,7 @@ def export_run(
         src = base_model_source(src)
     out_dir = Path(output) if output else src.default_output_root / export_label(format, q, base_model)
     out_dir.mkdir(parents=True, exist_ok=True)
+    clear_leftovers(out_dir)
     report = progress or (lambda *_: None)
 
     if format == "adapter":
@@ -171,7 +208,7 @@ def export_run(
     result.base_model = base_model
     result.seconds = round(time.monotonic() - started, 2)
     result.files = sorted(p.name for p in out_dir.iterdir() if not p.name.startswith("."))
-    (out_dir / "result.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    write_text_atomic(out_dir / "result.json", json.dumps(result.to_dict(), indent=2) + "\n")
     return result
 
 
@@ -182,7 +219,7 @@ def _export_gguf(
 
     warnings: list[str] = []
     scratch = out_dir / ".work"
-    scratch.mkdir(exist_ok=True)
+    scratch.mkdir()  # clear_leftovers removed any earlier one
     try:
         # 1. A safetensors folder with the adapter folded in (a full model is read as it is).
         if src.adapter_dir is None and Path(src.base_model).is_dir():
@@ -196,10 +233,11 @@ def _export_gguf(
         config = read_model_config(model_dir)
         name = f"{src.name}-{q}"
         gguf_path = out_dir / f"{name}.gguf"
+        partial = partial_path(gguf_path)  # renamed to gguf_path once complete
 
         # 2. Convert (f32/f16/bf16/q8_0 directly; K-quants from an f16 file through llama.cpp).
         direct = q if q in DIRECT_TYPES else "f16"
-        target = gguf_path if q in DIRECT_TYPES else scratch / f"{name}.f16.gguf"
+        target = partial if q in DIRECT_TYPES else scratch / f"{name}.f16.gguf"
         conv = convert_to_gguf(
             model_dir, target, direct, name=src.name, progress=lambda d, t, _n: report("convert", d, t)
         )
@@ -209,9 +247,10 @@ def _export_gguf(
             for note in warnings:
                 log.warning(note)
             report("quantize", 0, 1)
-            quantize_gguf(target, gguf_path, q)
+            quantize_gguf(target, partial, q)
             target.unlink()
             report("quantize", 1, 1)
+        publish(partial, gguf_path)
 
         # 3. Verify against the HF model in float32.
         verification = None
@@ -231,7 +270,7 @@ def _export_gguf(
         template = read_chat_template(model_dir)
         ctx = config.get("max_position_embeddings")
         eos = _eos_token(model_dir)
-        (out_dir / "Modelfile").write_text(render_modelfile(gguf_path.name, template, ctx, eos))
+        write_text_atomic(out_dir / "Modelfile", render_modelfile(gguf_path.name, template, ctx, eos))
         meta = {
             "gguf": gguf_path.name,
             "quantization": q,
@@ -239,9 +278,9 @@ def _export_gguf(
             "context_length": ctx,
             "eos_token": eos,
         }
-        (out_dir / "export.json").write_text(json.dumps(meta, indent=2) + "\n")
+        write_text_atomic(out_dir / "export.json", json.dumps(meta, indent=2) + "\n")
     finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+        clear_leftovers(out_dir)  # the scratch folder, and a GGUF that never completed
     return ExportResult("gguf", q, str(gguf_path), str(out_dir), verification=verification, warnings=warnings)
 
 
