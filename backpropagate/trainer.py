@@ -24,7 +24,7 @@ from backpropagate.events import EventBase
 from backpropagate.logs import get_logger
 from backpropagate.settings import get_settings
 from backpropagate.training.result import TrainResult
-from backpropagate.training.run_ids import new_run_id
+from backpropagate.training.run_ids import create_run_dir
 
 Callback = Callable[[EventBase], None]
 
@@ -73,9 +73,8 @@ class Trainer:
         from backpropagate.runs.foreground import train_in_process
 
         config = self.make_config(data, steps, epochs)
-        run_id = new_run_id()
-        run_dir = get_settings().runs_dir / run_id
-        run_dir.mkdir(parents=True, exist_ok=True)
+        run_dir = create_run_dir(get_settings().runs_dir)
+        run_id = run_dir.name
         config.save(run_dir / "config.json")
         log = self._log.bind(run_id=run_id)
         log.info("training %s on %s in %s", config.model, config.data, run_dir)

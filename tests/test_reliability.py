@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import time
 
 import pytest
@@ -11,6 +12,8 @@ from test_worker_standin import run_training
 
 from backpropagate.events import EventLog, Step, read_events
 from backpropagate.runs.hub import LogTail, _read_after
+from backpropagate.runs.ids import create_run_dir as server_create_run_dir
+from backpropagate.training.run_ids import create_run_dir, is_run_id, new_run_id
 
 
 def _step(n: int, total: int = 9) -> Step:
@@ -104,3 +107,38 @@ def _stop_right_after_resume(server: Server) -> None:
     time.sleep(3.0)  # a worker that was started anyway would train on meanwhile
     final = server.get(f"/api/runs/{run['id']}").json()
     assert final["status"] == "cancelled" and final["step"] < 200
+
+
+def _ids(count: int) -> list[str]:
+    return [new_run_id() for _ in range(count)]
+
+
+def test_run_ids_from_four_processes_are_unique():
+    with multiprocessing.get_context("spawn").Pool(4) as pool:
+        batches = pool.map(_ids, [2500] * 4)
+    ids = [i for batch in batches for i in batch]
+    assert len(ids) == 10_000 and len(set(ids)) == 10_000
+    assert all(is_run_id(i) and len(i.rsplit("-", 1)[1]) == 16 for i in ids)
+    assert server_create_run_dir is create_run_dir  # one generator behind every door
+
+
+def test_run_folders_are_created_exclusively_even_when_ids_clash(tmp_path, monkeypatch):
+    import backpropagate.training.run_ids as run_ids
+
+    clashing = iter(["20260101-000000-0000000000000000"] * 3 + ["20260101-000000-0000000000000001"])
+    monkeypatch.setattr(run_ids, "new_run_id", lambda: next(clashing))
+    first = create_run_dir(tmp_path)
+    second = create_run_dir(tmp_path)  # the same id comes up twice more: a new one is drawn
+    assert first.name.endswith("0000") and second.name.endswith("0001")
+
+
+def _door(runs: str, count: int) -> list[str]:
+    return [create_run_dir(runs).name for _ in range(count)]
+
+
+def test_two_doors_creating_folders_concurrently_never_share_one(tmp_path):
+    runs = tmp_path / "runs"
+    with multiprocessing.get_context("spawn").Pool(2) as pool:
+        batches = pool.starmap(_door, [(str(runs), 1000)] * 2)
+    made = batches[0] + batches[1]
+    assert len(made) == len(set(made)) == 2000 == len(list(runs.iterdir()))

@@ -193,7 +193,7 @@ def register(app: typer.Typer) -> None:
 def _config_and_run_dir(options: dict[str, Any], resume: str | None) -> tuple[Any, Path]:
     from backpropagate.config import RunConfig
     from backpropagate.settings import get_settings
-    from backpropagate.training.run_ids import new_run_id
+    from backpropagate.training.run_ids import create_run_dir
 
     runs = get_settings().runs_dir
     if resume:
@@ -208,8 +208,7 @@ def _config_and_run_dir(options: dict[str, Any], resume: str | None) -> tuple[An
     if options.get("data") is None:
         raise BackpropError(ErrorCode.CONFIG_INVALID, "Invalid run configuration: data: --data is required.")
     config = build_config(options)
-    run_dir = runs / new_run_id()
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = create_run_dir(runs)
     config.save(run_dir / "config.json")
     return config, run_dir
 

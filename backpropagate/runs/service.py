@@ -15,7 +15,7 @@ from typing import Any
 from backpropagate.config import RunConfig
 from backpropagate.errors import BackpropError, ErrorCode
 from backpropagate.runs.hub import EventHub
-from backpropagate.runs.ids import new_run_id
+from backpropagate.runs.ids import create_run_dir
 from backpropagate.runs.scheduler import Scheduler
 from backpropagate.runs.store import Run, Store, open_store
 from backpropagate.settings import Settings, get_settings
@@ -72,20 +72,19 @@ class RunService:
     async def submit(self, config: RunConfig) -> Run:
         data = config.model_dump(mode="json")
         self.scheduler.check_fits(data)
-        run_id = new_run_id()
-        run_dir = self.run_dir(run_id)
-        run = Run(id=run_id, name=config.name, config=data, status="queued", created_at=time.time())
 
         def write() -> Run:
-            run_dir.mkdir(parents=True)
+            run_dir = create_run_dir(self.runs_dir)
+            run_id = run_dir.name
+            run = Run(id=run_id, name=config.name, config=data, status="queued", created_at=time.time())
             config.save(run_dir / "config.json")
             (run_dir / "run.json").write_text(json.dumps({"id": run_id, "created_at": run.created_at}) + "\n")
             return self.store.add_run(run)
 
         run = await asyncio.to_thread(write)
         self.hub.publish_status(run)
-        await self.scheduler.enqueue(run_id)
-        return await self.get(run_id)
+        await self.scheduler.enqueue(run.id)
+        return await self.get(run.id)
 
     async def clone(self, run_id: str, overrides: dict[str, Any] | None = None) -> Run:
         source = await self.get(run_id)
