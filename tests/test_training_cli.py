@@ -45,6 +45,24 @@ def test_quickstart_with_defaults(demo, home):
     losses = [e["loss"] for e in events if e["type"] == "step"]
     assert metrics["steps"] == 150 and len(losses) == 150 and losses[-1] < losses[0] / 3  # visibly learns
     assert time.time() - started < 300
+    # The README's promise: the default demo run visibly learns the quickstart answers.
+    assert "seven days" in _answer(adapter, "How many days are in a week?")
+
+
+def _answer(adapter: Path, question: str) -> str:
+    """Greedy reply of the base demo model with the trained adapter."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from backpropagate.models.demo import resolve_model
+    from backpropagate.models.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(str(adapter))
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(resolve_model("demo")), str(adapter))
+    ids = tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                  return_tensors="pt", return_dict=True)["input_ids"]  # fmt: skip
+    out = model.eval().generate(ids, max_new_tokens=20, do_sample=False)
+    return tok.decode(out[0][ids.shape[1]:], skip_special_tokens=True)
 
 
 def test_ctrl_c_checkpoints_and_resume_finishes(demo, home, tmp_path):
