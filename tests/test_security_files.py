@@ -70,3 +70,23 @@ def test_validation_errors_do_not_echo_a_large_body(server: Server) -> None:
     assert len(r.content) < 64 * 1024
     assert "A" * 1000 not in r.text
 
+
+
+def test_parquet_bomb_preview_is_refused_without_reading_it(server: Server, tmp_path: Path) -> None:
+    """A small parquet file that unpacks to 64 MB: the API's preview refuses it with a code."""
+    import io
+
+    import psutil
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"text": ["a" * (64 << 20)]}), buf, compression="zstd")
+    assert len(buf.getvalue()) < 200_000
+    r = server.post("/api/datasets", files={"file": ("bomb.parquet", buf.getvalue())})
+    assert r.status_code == 201, r.text
+    rss_before = psutil.Process(server.proc.pid).memory_info().rss
+    preview = server.get(f"/api/datasets/{r.json()['id']}/preview", params={"rows": 1})
+    assert preview.status_code in (400, 413, 422), preview.text
+    assert preview.json()["code"] == "DATASET_PARSE_FAILED" and len(preview.text) < 4000
+    assert psutil.Process(server.proc.pid).memory_info().rss - rss_before < 200 << 20
