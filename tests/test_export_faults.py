@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+from test_api_exports import api, run_id  # noqa: F401 - fixtures
 from test_export_support import qwen2_run  # noqa: F401 - fixture
 
 BACKPROP = [sys.executable, "-m", "backpropagate"]
@@ -45,3 +46,20 @@ def test_a_killed_gguf_export_leaves_no_file_under_its_final_name(qwen2_run: Pat
     assert gguf.suffix == ".gguf" and gguf.is_file()
     assert gguf.read_bytes()[:4] == b"GGUF"
     assert _leftovers(out) == [], "the second export cleans the first one's scratch and its own"
+
+
+def test_the_job_file_holds_no_database_url_and_the_export_is_still_recorded(api, run_id: str) -> None:  # noqa: F811
+    resp = api.post(f"/api/runs/{run_id}/exports", json={"format": "adapter"})
+    assert resp.status_code == 202, resp.text
+    job = resp.json()
+    deadline = time.monotonic() + 300
+    while (state := api.get(f"/api/exports/{job['id']}").json())["status"] == "running":
+        assert time.monotonic() < deadline, state
+        time.sleep(0.2)
+    assert state["status"] == "completed", state
+    job_file = json.loads((Path(state["path"]) / ".job.json").read_text())
+    assert "database_url" not in job_file and not any("sqlite" in str(v) for v in job_file.values())
+    listed = api.get(f"/api/runs/{run_id}/exports").json()
+    assert any(r["format"] == "adapter" and r["path"] == state["path"] for r in listed), listed
+    log_text = (Path(state["path"]) / ".job.log").read_text()
+    assert "export job" in log_text, log_text  # the job configured logging and said it started

@@ -80,9 +80,9 @@ def _error_record(err: BackpropError) -> dict[str, Any]:
 def _record(job: dict[str, Any], label: str, path: Path) -> None:
     # The store is a cache of what is on disk: a failure to record must not fail the export.
     try:
-        from backpropagate.runs.store import ExportRow, Store
+        from backpropagate.runs.store import ExportRow, open_store
 
-        Store(job["database_url"]).add_export(
+        open_store().add_export(  # BACKPROPAGATE_DB_URL, set by the server that started the job
             ExportRow(run_id=job["run_id"], format=label, path=str(path), bytes=_output_bytes(path))
         )
     except Exception:  # noqa: BLE001
@@ -94,6 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     if len(args) != 1:
         print("usage: python -m backpropagate.export.job JOB_DIR", file=sys.stderr)
         return 2
+    from backpropagate.logs import configure_from_settings
+
+    configure_from_settings("export job")
     return run_job(Path(args[0]))
 
 

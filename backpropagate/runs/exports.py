@@ -227,10 +227,14 @@ class ExportJobs:
             "ollama_name": ollama_name,
             "base_model": base_model,
             "created_at": time.time(),
-            "database_url": self.settings.database_url,
-        }
+        }  # never the database URL: it may hold a password, and the job reads it from the environment
         (job_dir / JOB_FILE).write_text(json.dumps(job, indent=2) + "\n")
-        env = {**os.environ, "BACKPROPAGATE_HOME": str(self.settings.home), "PYTHONUNBUFFERED": "1"}
+        env = {
+            **os.environ,
+            "BACKPROPAGATE_HOME": str(self.settings.home),
+            "BACKPROPAGATE_DB_URL": self.settings.database_url,
+            "PYTHONUNBUFFERED": "1",
+        }
         with (job_dir / LOG_FILE).open("ab") as out:
             proc = subprocess.Popen(
                 [*self.command, str(job_dir)],
