@@ -8,6 +8,7 @@ catalogued code (exit 1), so the log always says how the run ended unless the pr
 
 from __future__ import annotations
 
+import fcntl
 import importlib
 import json
 import os
@@ -27,6 +28,8 @@ from backpropagate.training.control import RunControl
 # "module:function" of an alternative engine with the same contract as run_training.
 ENGINE_ENV = "BACKPROPAGATE_ENGINE"
 DEFAULT_ENGINE = "backpropagate.training:run_training"
+LOCK_NAME = ".worker.lock"  # held (flock) by the one worker of a run while it lives
+EXIT_LOCKED = 3  # another worker holds the run: this one touched nothing
 
 
 def load_engine() -> Callable[..., Any]:
@@ -58,6 +61,32 @@ def read_run_id(run_dir: Path) -> str:
         except (ValueError, KeyError):
             pass
     return run_dir.name
+
+
+def take_run_lock(run_dir: Path) -> int | None:
+    """Take the run's worker lock, held until this process ends; None if another worker has it."""
+    fd = os.open(Path(run_dir) / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def run_lock_held(run_dir: Path) -> bool:
+    """Whether a live worker holds the run's lock (the scheduler asks before it starts one)."""
+    try:
+        fd = os.open(Path(run_dir) / LOCK_NAME, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # also releases the probe's own shared lock
+    return False
 
 
 def _redirect_output(log_path: Path) -> None:
@@ -136,6 +165,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{run_dir}/config.json not found", file=sys.stderr)
         return 2
     _redirect_output(run_dir / "worker.log")
+    if take_run_lock(run_dir) is None:
+        print(
+            f"{ErrorCode.STATE_RUN_ACTIVE}: another worker holds {run_dir / LOCK_NAME}; "
+            "this one exits without touching the run.",
+            flush=True,
+        )
+        return EXIT_LOCKED
     from backpropagate.logs import configure_from_settings
 
     configure_from_settings("worker", run_id=read_run_id(run_dir))

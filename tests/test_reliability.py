@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import time
 
 import pytest
 from test_api_server import Server, _collect, _create, _kill_workers
-from test_worker_standin import run_training
+from test_worker_standin import _make_run, _worker, run_training
 
 from backpropagate.events import EventLog, Step, read_events
 from backpropagate.runs.hub import LogTail, _read_after
 from backpropagate.runs.ids import create_run_dir as server_create_run_dir
 from backpropagate.training.run_ids import create_run_dir, is_run_id, new_run_id
+from backpropagate.worker import EXIT_LOCKED, run_lock_held, take_run_lock
 
 
 def _step(n: int, total: int = 9) -> Step:
@@ -142,3 +144,44 @@ def test_two_doors_creating_folders_concurrently_never_share_one(tmp_path):
         batches = pool.starmap(_door, [(str(runs), 1000)] * 2)
     made = batches[0] + batches[1]
     assert len(made) == len(set(made)) == 2000 == len(list(runs.iterdir()))
+
+
+def test_a_second_worker_on_one_run_exits_3_without_touching_the_log(tmp_path):
+    run_dir = _make_run(tmp_path, steps=10, save_every=5)
+    first = _worker(run_dir, BACKPROPAGATE_STANDIN_STEP_S="0.1")
+    deadline = time.time() + 30
+    while not (run_dir / "worker.pid").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    second = _worker(run_dir, BACKPROPAGATE_STANDIN_STEP_S="0.1")
+    assert second.wait(60) == EXIT_LOCKED
+    assert first.poll() is None  # the first one trains on undisturbed
+    assert "STATE_RUN_ACTIVE" in (run_dir / "worker.log").read_text()
+    assert first.wait(60) == 0
+    events = list(read_events(run_dir / "events.jsonl"))
+    assert [e.seq for e in events] == list(range(1, len(events) + 1))
+    assert [e.type for e in events].count("run_started") == 1 and events[-1].type == "completed"
+    assert (run_dir / "worker.pid").read_text().strip() == str(first.pid)
+    assert not run_lock_held(run_dir)  # released when the worker exits
+
+
+def test_scheduler_refuses_to_start_a_run_whose_lock_is_held(server):
+    run = _create(server, steps=200, save_every=100)
+    with server.ws(run["id"]) as ws:
+        _collect(ws, limit=3)
+        server.post(f"/api/runs/{run['id']}/stop")
+        _collect(ws)
+    server.wait_status(run["id"], {"cancelled"})
+    run_dir = server.home / "runs" / run["id"]
+    deadline = time.time() + 30
+    while run_lock_held(run_dir) and time.time() < deadline:
+        time.sleep(0.05)  # the stopped worker may still be exiting
+    lock = take_run_lock(run_dir)  # a worker the server does not know about
+    assert lock is not None
+    try:
+        before = run_dir.joinpath("events.jsonl").read_bytes()
+        server.post(f"/api/runs/{run['id']}/resume")
+        refused = server.wait_status(run["id"], {"interrupted", "running"}, timeout=30)
+        assert refused["status"] == "interrupted" and refused["error_code"] == "STATE_RUN_ACTIVE"
+        assert run_dir.joinpath("events.jsonl").read_bytes() == before
+    finally:
+        os.close(lock)

@@ -24,6 +24,7 @@ from backpropagate.events import Cancelled, EventLog
 from backpropagate.logs import get_logger
 from backpropagate.runs.hub import EventHub
 from backpropagate.runs.store import ACTIVE_STATUSES, RESUMABLE_STATUSES, Run, Store
+from backpropagate.worker import run_lock_held
 
 log = get_logger(__name__)
 
@@ -124,7 +125,7 @@ class Scheduler:
         async with self._lock:
             while self.queue:
                 head = self.queue[0]
-                run = await asyncio.to_thread(self.store.find_run, head)
+                run, locked = await asyncio.to_thread(self._look_up, head)
                 if not self.queue or self.queue[0] != head:
                     continue  # stopped (taken off the queue) while it was looked up
                 if run is None or run.status != "queued":
@@ -132,12 +133,20 @@ class Scheduler:
                     continue
                 if run.id in self.workers:
                     return  # its previous worker is still exiting; _on_end schedules again
+                if locked:
+                    self.queue.popleft()  # a worker this server does not know still runs it
+                    await self._refuse_locked(run)
+                    continue
                 need = self.gpus_needed(run.config)
                 free = self._free_gpus()
                 if need > len(free) or (need == 0 and self._cpu_runs() >= self.max_cpu_runs):
                     return
                 self.queue.popleft()
                 await self._spawn(run, free[:need])
+
+    def _look_up(self, run_id: str) -> tuple[Run | None, bool]:
+        """The run's row, and whether a worker holds its lock."""
+        return self.store.find_run(run_id), run_lock_held(self.run_dir(run_id))
 
     async def _spawn(self, run: Run, gpus: list[int]) -> None:
         run_dir = self.run_dir(run.id)
@@ -163,6 +172,19 @@ class Scheduler:
         )
         self.hub.publish_status(updated)
         log.info("started run %s (pid %d, gpus %s)", run.id, proc.pid, gpus or "cpu")
+
+    async def _refuse_locked(self, run: Run) -> None:
+        log.warning("run %s not started: another worker holds its lock", run.id)
+        updated = await asyncio.to_thread(
+            self.store.update_run,
+            run.id,
+            status="interrupted",
+            error_code=str(ErrorCode.STATE_RUN_ACTIVE),
+            error_message="Another worker process still runs this run (it holds "
+            f"{self.run_dir(run.id) / '.worker.lock'}); stop it, then resume.",
+            ended_at=_now(),
+        )
+        self.hub.publish_status(updated)
 
     async def _on_end(self, run_id: str, run: Run | None, saw_final: bool) -> None:
         """The worker is gone and its log drained: free its slot and settle its status."""
