@@ -63,3 +63,30 @@ def test_the_job_file_holds_no_database_url_and_the_export_is_still_recorded(api
     assert any(r["format"] == "adapter" and r["path"] == state["path"] for r in listed), listed
     log_text = (Path(state["path"]) / ".job.log").read_text()
     assert "export job" in log_text, log_text  # the job configured logging and said it started
+
+
+def test_serve_by_run_id_picks_the_trained_export_over_a_newer_base_one(qwen2_run: Path) -> None:  # noqa: F811
+    from backpropagate.export.serve import resolve_gguf
+
+    export = [*BACKPROP, "export", qwen2_run.name, "--format", "gguf", "-q", "f16", "--no-verify", "--json"]
+    trained = subprocess.run(export, capture_output=True, text=True, timeout=300)
+    assert trained.returncode == 0, trained.stderr
+    base = subprocess.run([*export, "--base-model"], capture_output=True, text=True, timeout=300)
+    assert base.returncode == 0, base.stderr
+    trained_path = Path(json.loads(trained.stdout)["path"]).resolve()
+    base_path = Path(json.loads(base.stdout)["path"]).resolve()
+    assert base_path.stat().st_mtime >= trained_path.stat().st_mtime  # the base one is the newest
+
+    assert resolve_gguf(qwen2_run.name) == trained_path
+    assert resolve_gguf(base_path) == base_path  # named directly, the base export is served
+
+    serve = subprocess.Popen(
+        [*BACKPROP, "serve", qwen2_run.name, "--port", "0"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    try:
+        first = serve.stderr.readline() if serve.stderr else ""
+    finally:
+        os.killpg(serve.pid, signal.SIGKILL)
+        serve.wait(timeout=30)
+    assert f"serving {trained_path}" in first, first

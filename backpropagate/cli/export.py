@@ -101,7 +101,7 @@ def register(app: typer.Typer) -> None:
                 "anyone who can reach this port can use it",
                 file=sys.stderr,
             )
-        print(f"serving {gguf.name} at http://{host}:{port}/v1 (Ctrl-C stops)", file=sys.stderr)
+        print(f"serving {gguf} at http://{host}:{port}/v1 (Ctrl-C stops)", file=sys.stderr)
         proc = subprocess.Popen(serve_command(gguf, port, host, n_ctx))
         try:
             raise typer.Exit(proc.wait())
@@ -207,7 +207,9 @@ def _chat_stream(export: str | None, url: str | None, max_tokens: int) -> Any:
     require_llama_cpp("chat")
     import llama_cpp
 
-    llm = llama_cpp.Llama(model_path=str(resolve_gguf(export or "")), n_ctx=2048, verbose=False)
+    gguf = resolve_gguf(export or "")
+    print(f"chatting with {gguf}", file=sys.stderr)
+    llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=2048, verbose=False)
 
     def local(history: list[dict[str, str]]) -> Any:
         for chunk in llm.create_chat_completion(messages=history, stream=True, max_tokens=max_tokens):

@@ -18,22 +18,37 @@ from backpropagate.errors import BackpropError, ErrorCode
 from backpropagate.settings import get_settings
 
 
+def is_base_export(gguf: Path) -> bool:
+    """Whether ``gguf`` is a run's untrained base model (``--base-model``), not its trained export."""
+    result = gguf.parent / "result.json"
+    if result.is_file():
+        try:
+            return bool(json.loads(result.read_text()).get("base_model"))
+        except (OSError, ValueError):
+            pass
+    return gguf.parent.name.endswith("-base") or "-base-" in gguf.parent.name
+
+
 def resolve_gguf(export: str | Path) -> Path:
-    """A .gguf file, an export folder holding one, or a run id (its newest GGUF export)."""
+    """A .gguf file, an export folder holding one, or a run id / run folder (its newest trained GGUF).
+
+    A run's base-model exports are there to compare with; they are served only when named directly.
+    """
     path = Path(export).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         return path.resolve()
-    folders = [path] if path.is_dir() else []
-    run_exports = get_settings().runs_dir / str(export) / "exports"
-    if run_exports.is_dir():
-        folders.append(run_exports)
-    if path.is_dir() and (path / "exports").is_dir():
-        folders.append(path / "exports")
-    found = [p for folder in folders for p in folder.rglob("*.gguf") if ".work" not in p.parts]
+    found = sorted(path.glob("*.gguf")) if path.is_dir() else []  # an export folder, named directly
+    run_folders = [f for f in (get_settings().runs_dir / str(export), path) if (f / "exports").is_dir()]
+    trained = [
+        p for f in run_folders for p in (f / "exports").rglob("*.gguf")
+        if ".work" not in p.parts and not is_base_export(p)
+    ]  # fmt: skip
+    found = found or trained
     if not found:
         raise BackpropError(
             ErrorCode.STATE_NOT_FOUND,
-            f"no .gguf file at {export!r}: export one first (`backprop export RUN_ID --format gguf`)",
+            f"no trained .gguf export at {export!r}: export one first "
+            "(`backprop export RUN_ID --format gguf`); a base-model export is served by its file path",
         )
     return max(found, key=lambda p: p.stat().st_mtime).resolve()
 
