@@ -101,9 +101,11 @@ def test_serve_api_on_a_busy_port_gives_the_port_code(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
-def test_csv_error_maps_to_the_parse_code(tmp_path: Path) -> None:
+def test_csv_error_maps_to_the_parse_code(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A cell may be as large as an upload: one over a 1 MB upload limit is a csv.Error.
+    monkeypatch.setenv("BACKPROPAGATE_SERVER__MAX_UPLOAD_MB", "1")
     data = tmp_path / "big.csv"
-    data.write_text('text\n"' + "x" * 200_000 + '"\n')
+    data.write_text('text\n"' + "x" * 2_000_000 + '"\n')
     result = backprop("data", "validate", str(data), "--model", "none", home=tmp_path)
     assert result.returncode == 1
     assert result.stderr.startswith("[DATASET_PARSE_FAILED]") and "Traceback" not in result.stderr
