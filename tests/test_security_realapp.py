@@ -61,7 +61,8 @@ def page_routes() -> list[str]:
         if isinstance(node, (ast.Assign, ast.AnnAssign)) and getattr(target, "id", "") == "PAGES":
             routes = [ast.literal_eval(item.elts[0]) for item in node.value.elts]
     assert routes, "PAGES not found in ui_app/pages/__init__.py"
-    return [re.sub(r"\[\w+\]", DUMMY_ID, r) for r in routes]
+    # "404" names Reflex's not-found page, not a route to request.
+    return [re.sub(r"\[\w+\]", DUMMY_ID, r) for r in routes if r.startswith("/")]
 
 
 def app_answer(method: str, path: str, operation: dict) -> int | None:

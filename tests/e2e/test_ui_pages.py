@@ -121,6 +121,9 @@ def test_upload_shows_preview_and_starts_a_run(ui: Page, ui_server) -> None:  # 
     ui.click("text=Advanced settings")
     ui.fill("#field-save_every", "5")
     ui.fill("#field-eval_every", "10")
+    # Eight micro-batches a step: the run trains long enough to be watched, stopped and reloaded.
+    ui.fill("#field-batch_size", "1")
+    ui.fill("#field-grad_accum", "8")
     shot(ui, "new-run", docs=True)
     ui.click("#start-run")
     ui.wait_for_url(re.compile(r".*/runs/[\w-]+$"), timeout=30000)
