@@ -21,7 +21,8 @@ from typing import Any
 
 from backpropagate.config import RunConfig
 from backpropagate.errors import BackpropError, ErrorCode
-from backpropagate.events import FINAL_TYPES, Cancelled, Completed, EventBase, EventLog, Failed
+from backpropagate.events import FINAL_TYPES, Cancelled, Completed, EventBase, EventLog
+from backpropagate.runs.foreground import failed_event
 from backpropagate.trackers import Trackers, open_trackers
 from backpropagate.training.control import RunControl
 
@@ -101,15 +102,6 @@ def _redirect_output(log_path: Path) -> None:
     sys.stderr = os.fdopen(2, "w", buffering=1, closefd=False)
 
 
-def _failed_event(exc: BaseException, step: int | None) -> Failed:
-    if isinstance(exc, BackpropError):
-        return Failed(
-            code=str(exc.code), message=exc.message, hint=exc.hint, retryable=exc.retryable, step=step
-        )
-    err = BackpropError(ErrorCode.RUNTIME_TRAINING_FAILED, f"{type(exc).__name__}: {exc}")
-    return Failed(code=str(err.code), message=err.message, hint=err.hint, retryable=err.retryable, step=step)
-
-
 def run_worker(run_dir: Path) -> int:
     """Train the run in ``run_dir`` to its end; returns the process exit code."""
     run_dir = Path(run_dir).resolve()
@@ -148,7 +140,7 @@ def run_worker(run_dir: Path) -> int:
     except BaseException as exc:  # noqa: BLE001 - every way out must be recorded in the log
         traceback.print_exc()
         if last["type"] not in FINAL_TYPES:
-            emit(_failed_event(exc, last["step"]))
+            emit(failed_event(exc, last["step"]))
         return 1
     finally:
         trackers.close()

@@ -3,33 +3,17 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
+from test_training_cli import ENV, REPO, backprop
 
 from backpropagate.runs.store import open_store
 
 pytestmark = pytest.mark.slow
-
-REPO = Path(__file__).resolve().parent.parent
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-
-
-def backprop(*args: str, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "backpropagate", *args], capture_output=True, text=True, env=ENV, **kw
-    )
-
-
-def listed() -> dict[str, dict]:
-    out = backprop("runs", "list", "--json")
-    assert out.returncode == 0, out.stderr
-    return {row["id"]: row for row in json.loads(out.stdout)}
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +21,12 @@ def demo(home) -> None:
     from backpropagate.models.demo import resolve_model
 
     resolve_model("demo")
+
+
+def listed() -> dict[str, dict]:
+    out = backprop("runs", "list", "--json")
+    assert out.returncode == 0, out.stderr
+    return {row["id"]: row for row in json.loads(out.stdout)}
 
 
 def test_cli_run_is_listed_while_it_trains_and_after(demo, home, tmp_path):

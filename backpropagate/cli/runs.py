@@ -286,23 +286,6 @@ def watch(
         raise typer.Exit(1)
 
 
-def _check_port_free(host: str, port: int) -> None:
-    """Fail with the catalog's code (as `backprop ui` does) before uvicorn dies on a taken port."""
-    import socket
-
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError as exc:
-            raise BackpropError(
-                ErrorCode.CONFIG_INVALID_SETTING,
-                f"port {port} on {host} is not available ({exc.strerror}); is another server running?",
-                hint="Stop the other server, or pass another --port.",
-            ) from None
-
-
 def serve_api(
     host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind (loopback only)."),
     port: int = typer.Option(8000, "--port", help="Port to listen on."),
@@ -321,7 +304,9 @@ def serve_api(
             f"serve-api has no authentication; refusing to bind {host}.",
             hint="Bind 127.0.0.1 and tunnel (ssh -L), or use `backprop ui --auth ...` for network access.",
         )
-    _check_port_free(host, port)
+    from backpropagate.launcher.run import check_port_free
+
+    check_port_free(host, port, server="server")
     import os
 
     import uvicorn

@@ -163,7 +163,7 @@ def _stop_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
         proc.wait()
 
 
-def _check_port_free(host: str, port: int) -> None:
+def check_port_free(host: str, port: int, server: str = "`backprop ui`") -> None:
     """Fail early and clearly instead of letting the server die on a taken port."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as sock:
@@ -173,7 +173,7 @@ def _check_port_free(host: str, port: int) -> None:
         except OSError as exc:
             raise BackpropError(
                 ErrorCode.CONFIG_INVALID_SETTING,
-                f"port {port} on {host} is not available ({exc.strerror}); is another `backprop ui` running?",
+                f"port {port} on {host} is not available ({exc.strerror}); is another {server} running?",
                 hint="Stop the other server, or pass another --port.",
             ) from None
 
@@ -276,7 +276,7 @@ def launch(opts: LaunchOptions) -> int:
         )
 
     _check_single_launch()
-    _check_port_free(opts.host, opts.port)
+    check_port_free(opts.host, opts.port)
     settings = get_settings()
     home = settings.home
     (home / "ui").mkdir(parents=True, exist_ok=True)
