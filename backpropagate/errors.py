@@ -23,6 +23,7 @@ class ErrorCode(StrEnum):
     # Configuration and input
     CONFIG_INVALID = "CONFIG_INVALID"
     CONFIG_INVALID_SETTING = "CONFIG_INVALID_SETTING"
+    CONFIG_GPUS_UNAVAILABLE = "CONFIG_GPUS_UNAVAILABLE"
     INPUT_AUTH_INVALID_SHAPE = "INPUT_AUTH_INVALID_SHAPE"
     INPUT_PATH_TRAVERSAL = "INPUT_PATH_TRAVERSAL"
     INPUT_UPLOAD_TOO_LARGE = "INPUT_UPLOAD_TOO_LARGE"
@@ -58,6 +59,7 @@ class ErrorCode(StrEnum):
     RUNTIME_UI_BUILD_FAILED = "RUNTIME_UI_BUILD_FAILED"
     RUNTIME_INTERNAL = "RUNTIME_INTERNAL"
     RUNTIME_SERVER_UNREACHABLE = "RUNTIME_SERVER_UNREACHABLE"
+    RUNTIME_DISK_FULL = "RUNTIME_DISK_FULL"
     # State
     STATE_CHECKPOINT_INVALID = "STATE_CHECKPOINT_INVALID"
     STATE_RUN_NOT_FOUND = "STATE_RUN_NOT_FOUND"
@@ -94,6 +96,11 @@ CATALOG: dict[ErrorCode, ErrorSpec] = {
     C.CONFIG_INVALID_SETTING: ErrorSpec(
         "A setting is not valid on this machine or in this combination.",
         "Change the named setting; the message says which value would work here.",
+        http_status=422,
+    ),
+    C.CONFIG_GPUS_UNAVAILABLE: ErrorSpec(
+        "The run asks for more GPUs than this machine has.",
+        "Lower `gpus` to the number `backprop info` lists (0 or `device: cpu` trains on the CPU).",
         http_status=422,
     ),
     C.INPUT_AUTH_INVALID_SHAPE: ErrorSpec(
@@ -270,6 +277,13 @@ CATALOG: dict[ErrorCode, ErrorSpec] = {
         "Is `backprop serve-api` or `backprop ui` running at that URL? Check the host and port.",
         retryable=True,
         http_status=503,
+    ),
+    C.RUNTIME_DISK_FULL: ErrorSpec(
+        "The disk is full (no space left while writing a checkpoint, an export or an upload).",
+        "Free space on the disk named in the message (old runs: `backprop runs delete ID`), "
+        "then resume the run; it continues from its last complete checkpoint.",
+        retryable=True,
+        http_status=507,
     ),
     C.STATE_CHECKPOINT_INVALID: ErrorSpec(
         "A checkpoint is missing, partial or corrupted.",
