@@ -29,6 +29,9 @@ class ErrorCode(StrEnum):
     INPUT_UPLOAD_TOO_LARGE = "INPUT_UPLOAD_TOO_LARGE"
     INPUT_UPLOAD_TYPE = "INPUT_UPLOAD_TYPE"
     INPUT_REQUEST_INVALID = "INPUT_REQUEST_INVALID"
+    INPUT_REQUEST_TOO_LARGE = "INPUT_REQUEST_TOO_LARGE"
+    INPUT_URL_TOO_LONG = "INPUT_URL_TOO_LONG"
+    INPUT_URL_INVALID = "INPUT_URL_INVALID"
     UI_OUTPUT_DIR_FORBIDDEN = "UI_OUTPUT_DIR_FORBIDDEN"
     # Data sets
     DATASET_NOT_FOUND = "DATASET_NOT_FOUND"
@@ -126,6 +129,21 @@ CATALOG: dict[ErrorCode, ErrorSpec] = {
         "The request is malformed.",
         "Send valid JSON matching the API schema (see /api/docs).",
         http_status=422,
+    ),
+    C.INPUT_REQUEST_TOO_LARGE: ErrorSpec(
+        "The request body is larger than the server accepts.",
+        "Send less in one request; upload data sets as files (limit BACKPROPAGATE_SERVER__MAX_UPLOAD_MB), "
+        "or raise BACKPROPAGATE_SERVER__MAX_REQUEST_KB on the server.",
+        http_status=413,
+    ),
+    C.INPUT_URL_TOO_LONG: ErrorSpec(
+        "The request's path or query string is too long.",
+        "Shorten the URL; send long values in a JSON body instead.",
+        http_status=414,
+    ),
+    C.INPUT_URL_INVALID: ErrorSpec(
+        "The request's path or query string holds a NUL byte or another control character.",
+        "Remove the control characters from the URL (file names never contain them).",
     ),
     C.UI_OUTPUT_DIR_FORBIDDEN: ErrorSpec(
         "That output folder is a system or credential folder.",

@@ -21,6 +21,14 @@ class ServerSettings(BaseModel):
     port: int = Field(7860, ge=1, le=65535, description="Port the server listens on.")
     max_upload_mb: int = Field(200, ge=1, description="Largest data set upload accepted, in MB.")
     session_hours: float = Field(12.0, gt=0, description="How long a login session lasts.")
+    max_request_kb: int = Field(
+        1024, ge=1, description="Largest request body accepted other than a file upload, in KB."
+    )
+    trusted_proxies: str = Field(
+        "",
+        description="Comma-separated addresses or networks (10.0.0.0/8) of reverse proxies whose "
+        "X-Forwarded-For is believed; empty: none.",
+    )
     max_concurrent_runs: int = Field(
         1, ge=1, description="Runs allowed to train at once on CPU (GPU runs take one GPU each)."
     )
