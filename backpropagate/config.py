@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -141,7 +141,15 @@ class RunConfig(BaseModel):
 
     # Hardware and backend
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Train on the GPU if present.")
-    gpus: int = Field(1, ge=0, le=64, description="GPUs the run needs (0 = CPU).")
+    gpus: Annotated[int, Field(ge=0, le=64)] | Literal["all"] = Field(
+        1,
+        description="GPUs the run needs (0 = CPU, `all` = every GPU of the machine); more than one "
+        "trains data-parallel, one process per GPU (docs/scaling.md).",
+    )
+    gpu_ids: list[int] | None = Field(
+        None,
+        description="Exactly these GPU indices (as `backprop info` lists them), instead of any free `gpus`.",
+    )
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
         "auto", description="`auto`: bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU."
     )
@@ -176,6 +184,8 @@ class RunConfig(BaseModel):
             filled = dict(PRESETS[data["preset"]])
             filled.update({k: v for k, v in data.items() if v is not None or k not in filled})
             data = filled
+        if data.get("gpu_ids") and data.get("gpus") is None:  # the ids say how many
+            data = {**data, "gpus": len(data["gpu_ids"])}
         if is_demo_model(data.get("model", "demo")):
             data = dict(data)
             for key, value in DEMO_DEFAULTS.items():
@@ -202,6 +212,13 @@ class RunConfig(BaseModel):
             problems.append("use_dora/use_rslora apply to LoRA methods, not method='full'")
         if self.method == "qlora" and self.device == "cpu":
             problems.append("method='qlora' needs a CUDA GPU; use method='lora' on CPU")
+        if self.gpu_ids is not None:
+            if self.device == "cpu":
+                problems.append("gpu_ids names GPUs but device='cpu'")
+            if not self.gpu_ids or len(set(self.gpu_ids)) != len(self.gpu_ids) or min(self.gpu_ids) < 0:
+                problems.append("gpu_ids must list one or more distinct GPU indices (0, 1, ...)")
+            elif self.gpus != len(self.gpu_ids):
+                problems.append(f"gpus={self.gpus} disagrees with gpu_ids={self.gpu_ids}; give one of them")
         if isinstance(self.batch_size, int) and self.batch_size < 1:
             problems.append("batch_size must be >= 1 or 'auto'")
         if problems:
