@@ -70,6 +70,7 @@ class ErrorCode(StrEnum):
     STATE_RUN_NOT_ACTIVE = "STATE_RUN_NOT_ACTIVE"
     STATE_RUN_ACTIVE = "STATE_RUN_ACTIVE"
     STATE_RUN_NOT_EXPORTABLE = "STATE_RUN_NOT_EXPORTABLE"
+    STATE_RUN_NOT_EVALUABLE = "STATE_RUN_NOT_EVALUABLE"
     STATE_NOT_FOUND = "STATE_NOT_FOUND"
     # Authentication (served by the guard)
     AUTH_REQUIRED = "AUTH_REQUIRED"
@@ -332,6 +333,11 @@ CATALOG: dict[ErrorCode, ErrorSpec] = {
         "This run has no trained weights to export.",
         "Export a completed or stopped run; resume a failed run first, "
         "or export a checkpoint folder with `backprop export PATH`.",
+        http_status=409,
+    ),
+    C.STATE_RUN_NOT_EVALUABLE: ErrorSpec(
+        "This run has no trained weights to evaluate.",
+        "Evaluate a completed or stopped run; resume a failed run first.",
         http_status=409,
     ),
     C.STATE_NOT_FOUND: ErrorSpec(
