@@ -3,6 +3,9 @@
 ``TelemetrySource.sample()`` returns one :class:`GpuDevice` reading per device. ``NvmlSource``
 reads the real cards; ``ReplaySource`` replays a recorded temperature trace through the same
 interface, for machines without a GPU (tests) and for rehearsing the temperature guard.
+``FakeSource`` is the testing switch ``BACKPROPAGATE_FAKE_GPUS=N``: N pretend devices, so the
+scheduler's placement and multi-GPU launches can be exercised on a CPU machine; ``list_gpus``
+(what the scheduler and ``backprop info`` see) uses it only when that variable is set.
 """
 
 from __future__ import annotations
@@ -128,10 +131,43 @@ class ReplaySource:
         return [GpuDevice(**fields)]
 
 
+class FakeSource:
+    """``count`` pretend GPUs with fixed, cool readings (testing only: nothing can run on them)."""
+
+    def __init__(self, count: int) -> None:
+        self.indices = list(range(count))
+
+    def sample(self) -> list[GpuDevice]:
+        return [
+            GpuDevice(
+                index=i,
+                name=f"Fake GPU {i} (BACKPROPAGATE_FAKE_GPUS)",
+                temperature_c=40.0,
+                memory_used_mb=0.0,
+                memory_total_mb=16384.0,
+                utilization_pct=0.0,
+            )
+            for i in self.indices
+        ]
+
+
+def fake_gpu_count() -> int:
+    """The testing switch ``BACKPROPAGATE_FAKE_GPUS`` (0, the default, means off)."""
+    from backpropagate.settings import Settings
+
+    return Settings().fake_gpus  # read afresh: tests set it per process
+
+
+def inventory_source() -> TelemetrySource:
+    """What the machine's GPUs are read from: the fake inventory when switched on, else NVML."""
+    count = fake_gpu_count()
+    return FakeSource(count) if count else NvmlSource()
+
+
 def list_gpus() -> list[GpuDevice]:
     """One reading of every visible GPU, or [] when there is none or NVML is unusable."""
     try:
-        return NvmlSource().sample()
+        return inventory_source().sample()
     except BackpropError:
         return []
     except Exception:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -52,6 +53,19 @@ class Settings(BaseSettings):
         False, description="Never reach the Hugging Face Hub (also implied by HF_HUB_OFFLINE=1)."
     )
     server: ServerSettings = Field(default_factory=ServerSettings)
+    dist_backend: Literal["auto", "nccl", "gloo"] = Field(
+        "auto",
+        description="Collective backend of multi-process runs: `auto` is NCCL on GPUs, gloo on CPU. "
+        "Testing switch: `gloo` trains a `gpus: N` run as N CPU ranks on a machine without GPUs "
+        "(docs/scaling.md).",
+    )
+    fake_gpus: int = Field(
+        0,
+        ge=0,
+        le=64,
+        description="Testing switch: the scheduler and `backprop info` see this many pretend GPUs "
+        "(no telemetry, nothing runs on them); pair with `dist_backend=gloo`. Never set it in production.",
+    )
 
     @property
     def database_url(self) -> str:
