@@ -119,8 +119,8 @@ def create_app(
     app.add_exception_handler(Exception, _on_unexpected)
     for module in (runs, datasets, models, system):
         app.include_router(module.router, prefix="/api")
-    # Routes other parts of the product add when present: accounts (security), exports.
-    for name in ("auth", "exports"):
+    # Routes other parts of the product add when present: accounts (security), exports, evaluations.
+    for name in ("auth", "exports", "evals"):
         try:
             module = importlib.import_module(f"backpropagate.server.routes.{name}")
         except ImportError as exc:
