@@ -1,0 +1,182 @@
+"""Rank-side helpers for runs that torchrun launched: the process group, who is who, shards, agreement.
+
+Every helper also works in a plain single process (a world of one, no torch.distributed), so the
+training loop calls them unconditionally. The group uses NCCL on GPUs and gloo on the CPU or when
+``BACKPROPAGATE_DIST_BACKEND=gloo`` (the testing switch: CPU ranks on a machine without GPUs).
+Every collective has a timeout: a rank that died or hangs makes the others raise, never wait forever.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import math
+import os
+from collections.abc import Sequence
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+# Long enough for a checkpoint write or an evaluation on rank 0 while the others wait at the
+# next collective; short enough that a dead rank ends the run in minutes, not NCCL's default 10.
+DEFAULT_TIMEOUT_S = 300.0
+
+
+def launched() -> bool:
+    """Whether this process is one rank of a group (torchrun, or RANK/WORLD_SIZE set by hand)."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def backend_name(cuda_available: bool | None = None) -> str:
+    """``nccl`` or ``gloo``: the setting when given, else NCCL when this process sees a GPU."""
+    from backpropagate.settings import Settings
+
+    choice = Settings().dist_backend  # read afresh: the launcher's environment decides
+    if choice != "auto":
+        return choice
+    if cuda_available is None:
+        import torch
+
+        cuda_available = torch.cuda.is_available()
+    return "nccl" if cuda_available else "gloo"
+
+
+def init(timeout_s: float = DEFAULT_TIMEOUT_S) -> bool:
+    """Join the launcher's process group once; False (and nothing done) in a plain process."""
+    if not launched():
+        return False
+    import torch
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return True
+    backend = backend_name()
+    kwargs: dict[str, Any] = {}
+    if backend == "nccl":
+        # One GPU per rank: torchrun gives each rank its LOCAL_RANK among CUDA_VISIBLE_DEVICES.
+        torch.cuda.set_device(local_rank())
+        kwargs["device_id"] = torch.device("cuda", local_rank())
+    dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
+    return True
+
+
+def is_initialized() -> bool:
+    if not launched():
+        return False
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    """This process's rank in the whole group (0 in a plain process)."""
+    return int(os.environ.get("RANK", "0")) if launched() else 0
+
+
+def world_size() -> int:
+    """Ranks in the group, over every node (1 in a plain process)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) if launched() else 1
+
+
+def local_rank() -> int:
+    """This process's rank on its machine: the index of its GPU among CUDA_VISIBLE_DEVICES."""
+    return int(os.environ.get("LOCAL_RANK", "0")) if launched() else 0
+
+
+def is_main() -> bool:
+    """Rank 0: the one that writes events, checkpoints and the adapter."""
+    return rank() == 0
+
+
+def device_name() -> str:
+    """Where this rank trains: its own GPU under NCCL, the CPU under gloo."""
+    if is_initialized() or launched():
+        return f"cuda:{local_rank()}" if backend_name() == "nccl" else "cpu"
+    return "cpu"
+
+
+def shard(items: Sequence[T], rank_: int | None = None, world: int | None = None) -> list[T]:
+    """This rank's share of one optimizer step's examples: items r, r+W, r+2W, ...
+
+    Deterministic (it depends on the list and the rank only), disjoint between ranks, and the
+    ranks' shares together are the whole list, so the step sees the same examples as on one GPU.
+    Shares differ in length by at most one; see :func:`shard_size`.
+    """
+    r = rank() if rank_ is None else rank_
+    w = world_size() if world is None else world
+    if not 0 <= r < w:
+        raise ValueError(f"rank {r} outside a world of {w}")
+    return list(items[r::w])
+
+
+def shard_size(count: int, world: int | None = None) -> int:
+    """The longest share of ``count`` items: every rank runs as many micro-batches as this needs."""
+    w = world_size() if world is None else world
+    return math.ceil(count / w) if count else 0
+
+
+def _reduce(value: float, op: str) -> float:
+    import torch
+    import torch.distributed as dist
+
+    where = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    tensor = torch.tensor([float(value)], dtype=torch.float64, device=where)
+    dist.all_reduce(tensor, op=getattr(dist.ReduceOp, op))
+    return float(tensor.item())
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when it is true on any: one rank's stop, OOM or hot GPU acts on all.
+
+    Every rank must call it at the same point of the loop (it is a collective).
+    """
+    if not is_initialized():
+        return bool(flag)
+    return _reduce(1.0 if flag else 0.0, "MAX") > 0
+
+
+def every_rank(flag: bool) -> bool:
+    """True on every rank when it is true on all of them."""
+    if not is_initialized():
+        return bool(flag)
+    return _reduce(1.0 if flag else 0.0, "MIN") > 0
+
+
+def sum_ranks(value: float) -> float:
+    """The sum of ``value`` over the ranks (token counts, summed losses for the step event)."""
+    if not is_initialized():
+        return float(value)
+    return _reduce(value, "SUM")
+
+
+def broadcast(obj: T, src: int = 0) -> T:
+    """Rank ``src``'s ``obj`` on every rank (a decision taken once: the new micro-batch size, ...)."""
+    if not is_initialized():
+        return obj
+    import torch.distributed as dist
+
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=src)
+    return holder[0]
+
+
+def barrier() -> None:
+    """Wait until every rank gets here (e.g. rank 0 finished writing a checkpoint)."""
+    if not is_initialized():
+        return
+    import torch.distributed as dist
+
+    if dist.get_backend() == "nccl":
+        dist.barrier(device_ids=[local_rank()])
+    else:
+        dist.barrier()
+
+
+def teardown() -> None:
+    """Leave the group (at the end of the run, whatever way it ends); safe to call twice."""
+    if not is_initialized():
+        return
+    import torch.distributed as dist
+
+    with contextlib.suppress(Exception):  # a group broken by a dead rank cannot be torn down cleanly
+        dist.destroy_process_group()
