@@ -82,6 +82,9 @@ class RunConfig(BaseModel):
     )
     use_rslora: bool = Field(False, description="Rank-stabilised LoRA scaling (alpha / sqrt(r)).")
     use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA).")
+    init_adapter: str | None = Field(
+        None, description="Start the LoRA weights from this saved adapter folder instead of fresh ones."
+    )
 
     # Objective
     objective: Literal["sft", "dpo", "orpo", "simpo", "kto"] = Field(

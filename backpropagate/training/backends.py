@@ -365,6 +365,7 @@ def load_model(
             if gc_flag is None:
                 gc_flag = _want_gradient_checkpointing(config, device, 0)
             model, _ = _load_unsloth(config, path, dtype, gc_flag)
+            load_initial_adapter(config, model)
             # Autocast only pays when some trainable weight is wider than the compute dtype.
             uniform = all(p.dtype == dtype for p in model.parameters() if p.requires_grad)
             return LoadedModel(
@@ -396,6 +397,7 @@ def load_model(
     liger = _apply_liger(config, model, device, emit, log)
     compute_dtype_adapters = adapters_in_compute_dtype(config, device, precision)
     model = _make_trainable(config, model, gc_flag, keep_compute_dtype=compute_dtype_adapters)
+    load_initial_adapter(config, model)
     if config.method != "full" and precision != "fp32" and not compute_dtype_adapters:
         # Trainable LoRA weights in fp32 keep AdamW's tiny updates from rounding away.
         for p in model.parameters():
@@ -413,6 +415,42 @@ def load_model(
         liger,
         compute_dtype_adapters,
     )
+
+
+def load_initial_adapter(config: RunConfig, model: Any) -> None:
+    """Start the LoRA weights from ``config.init_adapter`` (a saved PEFT adapter) instead of fresh ones.
+
+    A resumed run then overwrites them with its checkpoint, as it does any initialisation.
+    """
+    if not config.init_adapter:
+        return
+    folder = Path(config.init_adapter).expanduser()
+    if config.method == "full":
+        raise BackpropError(
+            ErrorCode.CONFIG_INVALID_SETTING, "init_adapter needs method='lora' or 'qlora', not 'full'."
+        )
+    weights = folder / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise BackpropError(
+            ErrorCode.CONFIG_INVALID_SETTING, f"init_adapter: {weights} does not exist (not a saved adapter)."
+        )
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    try:
+        loaded = set_peft_model_state_dict(model, load_file(str(weights)))
+    except RuntimeError as exc:  # a rank or module shape that differs from this run's
+        raise BackpropError(
+            ErrorCode.CONFIG_INVALID_SETTING,
+            f"init_adapter {folder} does not fit this model and LoRA rank: {' '.join(str(exc).split())[:300]}",
+            hint="Start from an adapter trained on the same base model with the same lora_r and target_modules.",
+        ) from None
+    if loaded.unexpected_keys:
+        raise BackpropError(
+            ErrorCode.CONFIG_INVALID_SETTING,
+            f"init_adapter {folder} has weights this model lacks (e.g. {loaded.unexpected_keys[0]}).",
+            hint="Start from an adapter trained on the same base model with the same target_modules.",
+        )
 
 
 def count_parameters(model: Any) -> tuple[int, int]:
