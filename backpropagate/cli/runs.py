@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import typer
@@ -287,34 +288,24 @@ def watch(
 
 
 def serve_api(
-    host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind (loopback only)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind; non-loopback needs --auth."),
     port: int = typer.Option(8000, "--port", help="Port to listen on."),
     log_level: str = typer.Option("info", "--log-level"),
+    auth: str | None = typer.Option(None, "--auth", help="user:password for HTTP Basic and login."),
+    auth_file: Path | None = typer.Option(None, "--auth-file", help="File (mode 600) holding user:password."),
+    users: Path | None = typer.Option(
+        None, "--users", help="Users file (JSON, made by `backprop users add`)."
+    ),
 ) -> None:
-    """Run the API server alone (no web UI): REST under /api, WebSockets, docs at /api/docs."""
-    import ipaddress
+    """Run the API server alone (no web UI): REST under /api, WebSockets, docs at /api/docs.
 
-    try:
-        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = False
-    if not loopback:
-        raise BackpropError(
-            ErrorCode.RUNTIME_UI_AUTH_NOT_ENFORCED,
-            f"serve-api has no authentication; refusing to bind {host}.",
-            hint="Bind 127.0.0.1 and tunnel (ssh -L), or use `backprop ui --auth ...` for network access.",
-        )
-    from backpropagate.launcher.run import check_port_free
+    Behind the same guard as `backprop ui`. Default local mode: this user's own processes get in,
+    other clients send the printed token; --auth (or --auth-file / --users) asks for accounts.
+    """
+    from backpropagate.launcher.api import ApiOptions
+    from backpropagate.launcher.api import serve_api as run
 
-    check_port_free(host, port, server="server")
-    import os
-
-    import uvicorn
-
-    from backpropagate.server.app import headless_app
-
-    os.umask(0o077)  # the DB, logs and uploads are readable by this user only
-    uvicorn.run(headless_app(), host=host, port=port, log_level=log_level, ws="websockets-sansio")
+    run(ApiOptions(host, port, log_level, auth, auth_file, users))
 
 
 def register(app: typer.Typer) -> None:

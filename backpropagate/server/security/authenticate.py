@@ -25,6 +25,7 @@ from backpropagate.server.security.asgi import (
     send_response,
     without_headers,
 )
+from backpropagate.server.security.peers import is_same_user
 from backpropagate.server.security.sessions import (
     LOCAL_USER,
     Authenticator,
@@ -71,6 +72,8 @@ class Authenticate:
         else:
             sid = self.auth.session_id(read_cookie(header(scope, "cookie"), self.auth.cookie_name))
             user = self.auth.session_user(sid)
+            if user is None and self.auth.policy.same_user_peers and is_same_user(scope):
+                user = LOCAL_USER  # serve-api: this user's own CLI and scripts need no token
         if user is None:
             return await self._unauthenticated(scope, receive, send)
 
@@ -129,10 +132,10 @@ class Authenticate:
             user, sep, password = decoded.partition(":")
             if sep and self.auth.cached_password(user, password):
                 return user
-            if not self.auth.throttle.reserve(ip):
+            if not self.auth.throttle.reserve(ip, user):
                 raise HashingBusy
             if sep and await self.auth.check_password(user, password):
-                self.auth.throttle.refund(ip)
+                self.auth.throttle.refund(ip, user)
                 return user
             return None
         self.auth.throttle.record_failure(ip)

@@ -106,7 +106,9 @@ class AuthEndpoints:
         Raises HashingBusy when this IP is blocked or too many checks are running (429).
         """
         ip = client_ip(scope)
-        if not self.auth.throttle.reserve(ip):
+        # Accounts back off on their own: rotating addresses (or sharing a proxy's) changes nothing.
+        account = None if self.auth.policy.mode == "local" else fields.get("username", "")
+        if not self.auth.throttle.reserve(ip, account):
             raise HashingBusy
         user: str | None = None
         if self.auth.policy.mode == "local":
@@ -117,7 +119,7 @@ class AuthEndpoints:
             if name and password and await self.auth.check_password(name, password):
                 user = name
         if user is not None:
-            self.auth.throttle.refund(ip)
+            self.auth.throttle.refund(ip, account)
         return user
 
     async def _verify_or_refuse(self, scope: Scope, send: Send, fields: dict[str, str]) -> str | bool | None:

@@ -53,9 +53,12 @@ def same_origin(origin: str, host_header: str | None) -> bool:
 class OriginCheck:
     """403 AUTH_ORIGIN_FORBIDDEN (or a refused WebSocket) for a foreign or missing Origin."""
 
-    def __init__(self, app: ASGIApp, allowed_origins: list[str]) -> None:
+    def __init__(self, app: ASGIApp, allowed_origins: list[str], allow_missing: bool = False) -> None:
         self.app = app
         self.allowed = {k for k in (origin_key(o) for o in allowed_origins) if k}
+        # serve-api: scripts and the CLI send no Origin (browsers always do on POSTs and sockets);
+        # their cookies are dropped, so only a header or the peer check can let them in.
+        self.allow_missing = allow_missing
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in GUARDED:
@@ -64,6 +67,8 @@ class OriginCheck:
             return await self.app(scope, receive, send)
         origin = header(scope, "origin")
         if origin is None or origin == "null":
+            if origin is None and self.allow_missing:
+                return await self.app(without_headers(scope, "cookie"), receive, send)
             if scope["type"] == "http" and header(scope, "authorization"):
                 return await self.app(without_headers(scope, "cookie"), receive, send)
             return await refuse(

@@ -57,6 +57,11 @@ class SecurityPolicy(BaseModel):
     session_secret: str = Field(repr=False, description="Key that signs session cookies.")
     secure_cookies: bool = Field(False, description="Mark cookies Secure even on plain-HTTP requests.")
     session_hours: float = Field(12.0, gt=0, description="How long a login session lasts.")
+    same_user_peers: bool = Field(
+        False,
+        description="Local mode of `backprop serve-api`: a loopback client running as this OS user "
+        "(the kernel's socket table says so) gets in without the token; no one else does.",
+    )
     warnings: list[str] = Field(default_factory=list, exclude=True, description="Notes for the launcher.")
 
 

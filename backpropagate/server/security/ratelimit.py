@@ -1,12 +1,18 @@
-"""Rate limits per client IP: a generous bucket for all requests, a strict one for failed logins."""
+"""Rate limits: per client IP a generous bucket for all requests and a strict one for failed
+logins; per account a growing delay after failed logins (so rotating source addresses, or every
+user sharing a proxy's address, changes nothing). The client IP is the peer's, or the one a
+configured reverse proxy names in X-Forwarded-For.
+"""
 
 from __future__ import annotations
 
 import ipaddress
+import os
 import time
+from collections.abc import Iterable
 from urllib.parse import parse_qs
 
-from backpropagate.errors import ErrorCode
+from backpropagate.errors import BackpropError, ErrorCode
 from backpropagate.logs import get_logger
 from backpropagate.server.security.asgi import (
     GUARDED,
@@ -18,6 +24,7 @@ from backpropagate.server.security.asgi import (
     header,
     refuse,
 )
+from backpropagate.server.security.peers import socket_owner
 from backpropagate.server.security.policy import is_loopback
 
 log = get_logger(__name__)
@@ -60,27 +67,72 @@ class TokenBuckets:
             del self._buckets[key]
 
 
+class AccountBackoff:
+    """Failed logins per account name: ``free`` failures, then each one doubles a wait (capped).
+
+    The right password works again as soon as the wait is over, and resets the count: an attacker
+    can slow an account down, never lock its owner out for longer than ``max_delay`` seconds.
+    """
+
+    def __init__(self, free: int = 5, max_delay: float = 60.0, max_keys: int = 10_000) -> None:
+        self.free = free
+        self.max_delay = max_delay
+        self.max_keys = max_keys
+        self._state: dict[str, tuple[int, float]] = {}  # name -> (failures, blocked until)
+
+    def wait(self, name: str) -> float:
+        """Seconds until ``name`` may try again (0: now)."""
+        return max(0.0, self._state.get(name, (0, 0.0))[1] - time.monotonic())
+
+    def reserve(self, name: str) -> bool:
+        """Count an attempt for ``name`` before it is checked; False while the account waits."""
+        now = time.monotonic()
+        failures, until = self._state.get(name, (0, 0.0))
+        if until > now:
+            return False
+        failures += 1
+        if failures >= self.free:
+            until = now + min(self.max_delay, 2.0 ** (failures - self.free))
+            log.warning("failed logins for account %r: %d; next try in %.0f s", name, failures, until - now)
+        if len(self._state) >= self.max_keys:
+            self._state = {k: v for k, v in self._state.items() if v[1] > now}
+        self._state[name] = (failures, until)
+        return True
+
+    def succeeded(self, name: str) -> None:
+        self._state.pop(name, None)
+
+
 class LoginThrottle:
-    """Counts failed credential checks per IP; an empty bucket blocks further attempts."""
+    """Counts failed credential checks per IP (and per account); an empty bucket blocks attempts."""
 
     def __init__(self, failures: int = 5, per_minutes: float = 1.0) -> None:
         self.buckets = TokenBuckets(failures, failures / (per_minutes * 60.0))
+        # Twice the address limit: one address alone meets its own limit first, so a typo-prone
+        # user (or a neighbour on a shared address) does not slow the account for everyone.
+        self.accounts = AccountBackoff(free=2 * failures)
 
-    def reserve(self, ip: str) -> bool:
-        """Count an attempt before its credentials are checked; False when the IP is blocked.
+    def reserve(self, ip: str, account: str | None = None) -> bool:
+        """Count an attempt before its credentials are checked; False when the IP or account is blocked.
 
         Counting first means parallel guesses cannot all pass the check before any is recorded.
         Call ``refund`` when the credentials turn out right.
         """
+        if account is not None and self.accounts.wait(account) > 0:
+            return False
         if not self.buckets.take(ip):
+            return False
+        if account is not None and not self.accounts.reserve(account):
             return False
         if self.blocked(ip):
             log.warning("failed logins from %s reached the limit; refusing its attempts for now", ip)
         return True
 
-    def refund(self, ip: str) -> None:
+    def refund(self, ip: str, account: str | None = None) -> None:
         tokens, last = self.buckets._buckets.get(ip, (self.buckets.capacity, time.monotonic()))
         self.buckets._buckets[ip] = (min(self.buckets.capacity, tokens + 1.0), last)
+        if account is not None:
+            self.accounts.succeeded(account)
 
     def record_failure(self, ip: str) -> None:
         # The address only: a mistyped password often lands in the user name field.
@@ -92,6 +144,34 @@ class LoginThrottle:
 
     def blocked(self, ip: str) -> bool:
         return self.buckets.empty(ip)
+
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def parse_proxies(text: str | Iterable[str]) -> list[Network]:
+    """``"10.0.0.1, 192.168.0.0/16"`` -> networks; a bad entry is a start-up error naming it."""
+    entries = text.split(",") if isinstance(text, str) else list(text)
+    networks = []
+    for entry in (e.strip() for e in entries):
+        if not entry:
+            continue
+        try:
+            networks.append(ipaddress.ip_network(entry, strict=False))
+        except ValueError:
+            raise BackpropError(
+                ErrorCode.CONFIG_INVALID_SETTING,
+                f"BACKPROPAGATE_SERVER__TRUSTED_PROXIES: {entry!r} is not an IP address or network.",
+                hint="List proxy addresses or networks separated by commas, e.g. 10.0.0.5,192.168.0.0/16.",
+            ) from None
+    return networks
+
+
+def _address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(text.strip().strip("[]"))
+    except ValueError:
+        return None
 
 
 def carries_credentials(scope: Scope) -> bool:
@@ -114,16 +194,18 @@ class RateLimit:
         capacity: float = 600,
         per_second: float = 50,
         trust_tunnel_ip: bool = False,
+        trusted_proxies: Iterable[Network] = (),
     ) -> None:
         self.app = app
         self.throttle = throttle
         self.requests = TokenBuckets(capacity, per_second)
         self.trust_tunnel_ip = trust_tunnel_ip
+        self.proxies = list(trusted_proxies)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in GUARDED:
             return await self.app(scope, receive, send)
-        scope = self._with_tunnel_client(scope)
+        scope = self._with_forwarded_client(self._with_tunnel_client(scope))
         ip = client_ip(scope)
         if not self.requests.take(ip):
             return await refuse(scope, receive, send, ErrorCode.AUTH_RATE_LIMITED)
@@ -137,15 +219,40 @@ class RateLimit:
         """Behind the share tunnel every request comes from 127.0.0.1; Cloudflare names the real client.
 
         Without this, one visitor's failed logins would lock everyone on the tunnel out. The header
-        is believed only from a loopback peer (cloudflared runs on this machine).
+        is believed only from a loopback peer (cloudflared runs on this machine, as this user): from
+        another local user's process it is ignored, so no one picks a fresh address per guess.
         """
         if not self.trust_tunnel_ip or not is_loopback(client_ip(scope)):
             return scope
-        real = header(scope, "cf-connecting-ip")
-        if not real:
+        real = _address(header(scope, "cf-connecting-ip") or "")
+        if real is None or _another_users_socket(scope):
             return scope
-        try:
-            address = str(ipaddress.ip_address(real.strip()))
-        except ValueError:
+        return {**scope, "client": (str(real), 0)}
+
+    def _trusted(self, ip: str) -> bool:
+        address = _address(ip)
+        return address is not None and any(address in net for net in self.proxies)
+
+    def _with_forwarded_client(self, scope: Scope) -> Scope:
+        """Behind a configured reverse proxy, the client is the last X-Forwarded-For hop that is
+        not itself a trusted proxy. From any other peer the header is ignored (anyone can send it)."""
+        if not self.proxies or not self._trusted(client_ip(scope)):
             return scope
-        return {**scope, "client": (address, 0)}
+        hops = [h.strip() for v in _all_headers(scope, b"x-forwarded-for") for h in v.split(",")]
+        for hop in reversed([h for h in hops if h]):
+            address = _address(hop)
+            if address is None:
+                return scope  # a malformed chain: keep the proxy's own address
+            if not self._trusted(str(address)):
+                return {**scope, "client": (str(address), 0)}
+        return scope
+
+
+def _all_headers(scope: Scope, name: bytes) -> list[str]:
+    return [v.decode("latin-1") for k, v in scope.get("headers", []) if k.lower() == name]
+
+
+def _another_users_socket(scope: Scope) -> bool:
+    """Whether the kernel says another OS user owns the client's socket (unknown: False)."""
+    owner = socket_owner(scope)
+    return owner is not None and owner != os.getuid()
