@@ -4,6 +4,10 @@ Reads ``RUN_DIR/config.json``, appends events to ``RUN_DIR/events.jsonl`` and tr
 engine (``run_training``). SIGTERM asks the engine to finish the step, checkpoint and emit
 ``cancelled`` (exit 0). Anything that escapes the engine becomes a ``failed`` event with a
 catalogued code (exit 1), so the log always says how the run ended unless the process is killed.
+
+Under torchrun (a run with several processes, docs/scaling.md) every rank runs this module: the
+worker joins the process group before the engine starts, and only rank 0 holds the run's lock,
+writes ``worker.pid`` and the event log; the other ranks log to ``worker.rank<N>.log``.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from typing import Any
 
 from backpropagate.config import RunConfig
 from backpropagate.errors import BackpropError, ErrorCode
-from backpropagate.events import FINAL_TYPES, Cancelled, Completed, EventBase, EventLog
+from backpropagate.events import FINAL_TYPES, Cancelled, Completed, EventBase, EventLog, Warning_
 from backpropagate.runs.foreground import failed_event
 from backpropagate.trackers import Trackers, open_trackers
 from backpropagate.training.control import RunControl
@@ -102,10 +106,37 @@ def _redirect_output(log_path: Path) -> None:
     sys.stderr = os.fdopen(2, "w", buffering=1, closefd=False)
 
 
+def rank_of_process() -> int:
+    """This process's rank in a torchrun group (0 for a plain worker)."""
+    return int(os.environ.get("RANK", "0")) if "WORLD_SIZE" in os.environ else 0
+
+
+def _join_group() -> None:
+    from backpropagate.training import distributed
+
+    distributed.init()
+
+
+def _group_error(exc: BaseException) -> BackpropError | None:
+    """A collective that failed because another rank died, as a resumable crash of the group."""
+    if "torch" not in sys.modules:  # a plain worker that never loaded torch failed otherwise
+        return None
+    from torch.distributed import DistError
+
+    if not isinstance(exc, DistError):
+        return None
+    return BackpropError(
+        ErrorCode.RUNTIME_WORKER_CRASHED,
+        f"A rank of the group stopped answering ({type(exc).__name__}: {exc}).",
+        hint="Resume the run: it continues from its last checkpoint. worker.rank<N>.log says why the rank died.",
+    )
+
+
 def run_worker(run_dir: Path) -> int:
     """Train the run in ``run_dir`` to its end; returns the process exit code."""
     run_dir = Path(run_dir).resolve()
     control = RunControl()
+    main_rank = rank_of_process() == 0
 
     def on_signal(signum: int, _frame: Any) -> None:
         print(f"signal {signum}: stopping after the current step", flush=True)
@@ -113,13 +144,15 @@ def run_worker(run_dir: Path) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    # Written only once the handlers are in place: the scheduler waits for it before SIGTERM.
-    (run_dir / "worker.pid").write_text(f"{os.getpid()}\n")
-    log = EventLog(run_dir / "events.jsonl", read_run_id(run_dir))
     last: dict[str, Any] = {"type": None, "step": None}
     trackers = Trackers({})
+    log: EventLog | None = None
+    if main_rank:
+        log = EventLog(run_dir / "events.jsonl", read_run_id(run_dir))
 
     def emit(event: EventBase) -> None:
+        if log is None:  # only rank 0 writes the run's events
+            return
         stamped = log.append(event)
         last["type"] = stamped.type  # type: ignore[attr-defined]
         last["step"] = getattr(stamped, "step", None) or last["step"]
@@ -127,8 +160,31 @@ def run_worker(run_dir: Path) -> int:
 
     try:
         config = RunConfig.load(run_dir / "config.json")
-        trackers = open_trackers(config, run_dir)  # a missing tracker fails before any loading
         run_training = load_engine()
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        # An engine trains data-parallel only when it says so; otherwise rank 0 trains alone
+        # (on its first GPU, as a one-process run would) and the other ranks leave at once.
+        parallel = world > 1 and bool(getattr(run_training, "data_parallel", False))
+        if world > 1 and not parallel and not main_rank:
+            print("the training engine runs on one process: this rank has nothing to do", flush=True)
+            return 0
+        if parallel:
+            _join_group()  # returns once every rank is here, each with its signal handlers set
+        if main_rank:
+            # Written only once the handlers are in place: the scheduler waits for it before
+            # SIGTERM. Under torchrun it names the launcher, the process the scheduler signals.
+            launcher = os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else os.getpid()
+            (run_dir / "worker.pid").write_text(f"{launcher}\n")
+            trackers = open_trackers(config, run_dir)  # a missing tracker fails before any loading
+        if world > 1 and not parallel:
+            emit(
+                Warning_(
+                    code=str(ErrorCode.CONFIG_INVALID_SETTING),
+                    message=f"This run has {world} processes but the training engine trains on one; "
+                    "rank 0 trains alone.",
+                    hint="docs/scaling.md says which engines train data-parallel.",
+                )
+            )
         result = run_training(config, run_dir, emit, control)
         # The engine emits the final event; a return without one still must end the log.
         if last["type"] not in FINAL_TYPES:
@@ -140,11 +196,16 @@ def run_worker(run_dir: Path) -> int:
     except BaseException as exc:  # noqa: BLE001 - every way out must be recorded in the log
         traceback.print_exc()
         if last["type"] not in FINAL_TYPES:
-            emit(failed_event(exc, last["step"]))
+            emit(failed_event(_group_error(exc) or exc, last["step"]))
         return 1
     finally:
         trackers.close()
-        log.close()
+        if log is not None:
+            log.close()
+        if "WORLD_SIZE" in os.environ:
+            from backpropagate.training import distributed
+
+            distributed.teardown()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -156,8 +217,9 @@ def main(argv: list[str] | None = None) -> int:
     if not (run_dir / "config.json").is_file():
         print(f"{run_dir}/config.json not found", file=sys.stderr)
         return 2
-    _redirect_output(run_dir / "worker.log")
-    if take_run_lock(run_dir) is None:
+    rank = rank_of_process()
+    _redirect_output(run_dir / ("worker.log" if rank == 0 else f"worker.rank{rank}.log"))
+    if rank == 0 and take_run_lock(run_dir) is None:  # rank 0 holds the lock for the group
         print(
             f"{ErrorCode.STATE_RUN_ACTIVE}: another worker holds {run_dir / LOCK_NAME}; "
             "this one exits without touching the run.",

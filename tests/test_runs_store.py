@@ -18,13 +18,13 @@ def store(tmp_path):
 
 
 def test_schema_created_in_wal_mode_and_migrations_idempotent(store, tmp_path):
-    assert store.schema_version() == 1
-    assert store.migrate() == 1 and store.migrate() == 1
+    assert store.schema_version() == 2
+    assert store.migrate() == 2 and store.migrate() == 2
     with sqlite3.connect(tmp_path / "db" / "backprop.db") as con:
         assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
         assert {"runs", "checkpoints", "exports", "datasets", "schema_version"} <= tables
-        assert con.execute("SELECT count(*) FROM schema_version").fetchone()[0] == 1
+        assert con.execute("SELECT count(*) FROM schema_version").fetchone()[0] == 2
 
 
 def test_events_fold_into_the_run_row(store):

@@ -78,6 +78,11 @@ def check_request(request: Request, inventory: Sequence[int]) -> None:
         )
 
 
+def behind(head: str) -> str:
+    """Why a run that would fit still waits: an earlier run waits at the head of the queue."""
+    return f"queued behind run {head} (runs start in the order they were queued)"
+
+
 @dataclass
 class Placer:
     """The machine's GPUs and CPU slots, and which run holds what."""
@@ -139,7 +144,7 @@ class Placer:
         blocked: str | None = None
         for run_id, request in queue:
             if blocked is not None:
-                waiting[run_id] = f"queued behind run {blocked} (runs start in the order they were queued)"
+                waiting[run_id] = behind(blocked)
                 continue
             gpus, reason = trial.place(request)
             if gpus is None:

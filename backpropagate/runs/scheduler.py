@@ -1,10 +1,12 @@
 """The scheduler: a FIFO queue of runs, GPU/CPU slots, and the worker processes it starts.
 
-A run starts when the head of the queue fits: GPU runs take the indices they need from the free
-set (``CUDA_VISIBLE_DEVICES``), CPU runs share ``max_concurrent_runs`` slots. Workers run in
-their own process group and outlive the server; a restarted server re-attaches to live ones
-(checked through ``/proc/<pid>/cmdline``) and marks the others ``interrupted``. No run is left
-``running`` without a process behind it.
+A run starts when the head of the queue fits (``placement``): GPU runs take the indices they ask
+for from the free set (``CUDA_VISIBLE_DEVICES``), CPU runs share ``max_concurrent_runs`` slots;
+a queued run's row says what it waits for (``queued_reason``). A run with several processes is
+launched through torchrun (``launch``), one rank per GPU. Workers run in their own process group
+and outlive the server; a restarted server re-attaches to live ones (checked through
+``/proc/<pid>/cmdline``) and marks the others ``interrupted``. No run is left ``running``
+without a process behind it.
 """
 
 from __future__ import annotations
@@ -22,13 +24,15 @@ from pathlib import Path
 from backpropagate.errors import BackpropError, ErrorCode
 from backpropagate.events import Cancelled, EventLog
 from backpropagate.logs import get_logger
+from backpropagate.runs import launch
 from backpropagate.runs.hub import EventHub
+from backpropagate.runs.placement import Placer, Request, behind, check_request, request_for
 from backpropagate.runs.store import ACTIVE_STATUSES, RESUMABLE_STATUSES, Run, Store
 from backpropagate.worker import run_lock_held
 
 log = get_logger(__name__)
 
-WORKER_MODULE = "backpropagate.worker"
+WORKER_MODULE = launch.WORKER_MODULE
 STOP_GRACE_S = 60.0  # SIGTERM lets the worker finish its step and checkpoint; then SIGKILL
 
 
@@ -85,34 +89,23 @@ class Scheduler:
         self.stop_grace_s = stop_grace_s
         self.queue: deque[str] = deque()
         self.workers: dict[str, Worker] = {}
+        self.placer = Placer(self.gpu_indices, max_cpu_runs)
+        self.waiting: dict[str, str] = {}  # queued run id -> the reason last written to its row
         self._lock = asyncio.Lock()
 
     def run_dir(self, run_id: str) -> Path:
         return self.runs_dir / run_id
 
     # Resources ----------------------------------------------------------------
-    def gpus_needed(self, config: dict) -> int:
-        """GPUs a run takes: 0 for CPU runs (or on a machine without GPUs when device is auto)."""
-        if config.get("device") == "cpu" or not self.gpu_indices:
-            return 0
-        return int(config.get("gpus", 1))
+    def request(self, config: dict) -> Request:
+        """What a run config asks of this machine (GPUs, or a CPU slot and its ranks)."""
+        from backpropagate.settings import Settings
+
+        return request_for(config, self.gpu_indices, cpu_ranks=Settings().dist_backend == "gloo")
 
     def check_fits(self, config: dict) -> None:
         """Refuse at submission what could never start on this machine."""
-        if config.get("device") == "cuda" and not self.gpu_indices:
-            raise BackpropError(ErrorCode.DEP_GPU_NOT_AVAILABLE, "device='cuda' but this server sees no GPU.")
-        if self.gpus_needed(config) > len(self.gpu_indices):
-            raise BackpropError(
-                ErrorCode.CONFIG_INVALID_SETTING,
-                f"gpus={config.get('gpus')} but this server has {len(self.gpu_indices)} GPU(s).",
-            )
-
-    def _free_gpus(self) -> list[int]:
-        used = {i for w in self.workers.values() for i in w.gpus}
-        return [i for i in self.gpu_indices if i not in used]
-
-    def _cpu_runs(self) -> int:
-        return sum(1 for w in self.workers.values() if not w.gpus)
+        check_request(self.request(config), self.gpu_indices)
 
     # Queue ------------------------------------------------------------------------
     async def enqueue(self, run_id: str) -> None:
@@ -137,25 +130,51 @@ class Scheduler:
                     self.queue.popleft()  # a worker this server does not know still runs it
                     await self._refuse_locked(run)
                     continue
-                need = self.gpus_needed(run.config)
-                free = self._free_gpus()
-                if need > len(free) or (need == 0 and self._cpu_runs() >= self.max_cpu_runs):
+                request = self.request(run.config)
+                gpus, reason = self.placer.place(request)
+                if gpus is None:
+                    await self._note_waiting(head, reason or "waiting")
                     return
                 self.queue.popleft()
-                await self._spawn(run, free[:need])
+                await self._spawn(run, gpus, request)
+
+    async def _note_waiting(self, head: str, reason: str) -> None:
+        """Write on each queued run's row what it waits for (only what changed)."""
+        wanted = {run_id: behind(head) for run_id in self.queue}
+        wanted[head] = reason
+        for run_id, text in wanted.items():
+            if self.waiting.get(run_id) == text:
+                continue
+            self.waiting[run_id] = text
+            updated = await asyncio.to_thread(self._set_reason, run_id, text)
+            if updated is not None:
+                self.hub.publish_status(updated)
+
+    def _set_reason(self, run_id: str, reason: str) -> Run | None:
+        run = self.store.find_run(run_id)
+        if run is None or run.status != "queued":
+            return None
+        return self.store.update_run(run_id, queued_reason=reason)
 
     def _look_up(self, run_id: str) -> tuple[Run | None, bool]:
         """The run's row, and whether a worker holds its lock."""
         return self.store.find_run(run_id), run_lock_held(self.run_dir(run_id))
 
-    async def _spawn(self, run: Run, gpus: list[int]) -> None:
+    async def _spawn(self, run: Run, gpus: list[int], request: Request) -> None:
         run_dir = self.run_dir(run.id)
         env = dict(os.environ)  # fault-injection and engine variables pass through
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in gpus)
         env["PYTHONUNBUFFERED"] = "1"
+        if launch.uses_torchrun(request.processes):
+            # One rank per GPU (or CPU rank under the gloo switch); torchrun leads the group.
+            command = launch.worker_command(run_dir, request.processes, python=self.command[0])
+        else:
+            command = [*self.command, str(run_dir)]
+        self.placer.take(run.id, gpus)
+        self.waiting.pop(run.id, None)
         with (run_dir / "worker.log").open("ab") as out:  # catches output before the worker redirects
             proc = subprocess.Popen(
-                [*self.command, str(run_dir)],
+                command,
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=out,
@@ -168,10 +187,17 @@ class Scheduler:
         # Watch before marking it running: a stream that sees "running" must also find it live.
         self.hub.watch(run.id, lambda: worker.alive(run_dir), self._on_end)
         updated = await asyncio.to_thread(
-            self.store.update_run, run.id, status="running", pid=proc.pid, gpus=gpus, exit_code=None
+            self.store.update_run,
+            run.id,
+            status="running",
+            pid=proc.pid,
+            gpus=gpus,
+            exit_code=None,
+            queued_reason=None,
         )
         self.hub.publish_status(updated)
-        log.info("started run %s (pid %d, gpus %s)", run.id, proc.pid, gpus or "cpu")
+        ranks = f", {request.processes} ranks" if request.processes > 1 else ""
+        log.info("started run %s (pid %d, gpus %s%s)", run.id, proc.pid, gpus or "cpu", ranks)
 
     async def _refuse_locked(self, run: Run) -> None:
         log.warning("run %s not started: another worker holds its lock", run.id)
@@ -189,6 +215,7 @@ class Scheduler:
     async def _on_end(self, run_id: str, run: Run | None, saw_final: bool) -> None:
         """The worker is gone and its log drained: free its slot and settle its status."""
         worker = self.workers.pop(run_id, None)
+        self.placer.release(run_id)
         if worker is not None and worker.kill_task is not None:
             worker.kill_task.cancel()
         run = await asyncio.to_thread(self.store.find_run, run_id)
@@ -222,9 +249,12 @@ class Scheduler:
         if run.status == "queued" and waiting:
             with contextlib.suppress(ValueError):
                 self.queue.remove(run_id)
+            self.waiting.pop(run_id, None)
             # No worker writes this log now, so the server may record the end itself.
             await asyncio.to_thread(_append_cancelled, self.run_dir(run_id), run_id)
-            run = await asyncio.to_thread(self.store.update_run, run_id, status="cancelled", ended_at=_now())
+            run = await asyncio.to_thread(
+                self.store.update_run, run_id, status="cancelled", ended_at=_now(), queued_reason=None
+            )
             self.hub.publish_status(run)
             return run
         worker = self.workers.get(run_id)
@@ -241,13 +271,17 @@ class Scheduler:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.stop_grace_s
         # A SIGTERM before the worker installed its handler would kill it without a checkpoint.
-        while worker.alive(run_dir) and loop.time() < deadline and _read_pid(pid_file) != worker.pid:
+        # Under torchrun the file names the launcher: the group's leader (a re-attached worker's
+        # pid is rank 0's, from its run_started event).
+        ready = {worker.pid, _group_of(worker.pid)}
+        while worker.alive(run_dir) and loop.time() < deadline and _read_pid(pid_file) not in ready:
             await asyncio.sleep(0.02)
-        _signal_group(worker.pid, signal.SIGTERM)
-        await asyncio.sleep(max(deadline - loop.time(), 0))
+        _signal_group(worker.pid, signal.SIGTERM, run_dir)
+        while worker.alive(run_dir) and loop.time() < deadline:
+            await asyncio.sleep(0.1)
         if worker.alive(run_dir):
             log.warning("run %s did not stop in %.0f s: killing it", worker.run_id, self.stop_grace_s)
-            _signal_group(worker.pid, signal.SIGKILL)
+            _signal_group(worker.pid, signal.SIGKILL, run_dir)
 
     async def resume(self, run_id: str) -> Run:
         run = await asyncio.to_thread(self.store.get_run, run_id)
@@ -279,11 +313,13 @@ class Scheduler:
             elif run.pid and is_our_worker(run.pid, run_dir):
                 worker = Worker(run.id, run.pid, list(run.gpus or []))
                 self.workers[run.id] = worker
+                self.placer.held[run.id] = list(run.gpus or [])  # as recorded, even if two rows clash
                 log.info("re-attached run %s (pid %d)", run.id, run.pid)
                 self.hub.watch(run.id, lambda w=worker, d=run_dir: w.alive(d), self._on_end)
             else:
                 # Drain its log (it may have finished while the server was down), then settle.
                 self.workers[run.id] = Worker(run.id, run.pid or 0, list(run.gpus or []))
+                self.placer.held[run.id] = list(run.gpus or [])
                 self.hub.watch(run.id, lambda: False, self._on_end)
         await self.schedule()
 
@@ -300,9 +336,23 @@ def _read_pid(path: Path) -> int | None:
         return None
 
 
-def _signal_group(pid: int, sig: int) -> None:
+def _group_of(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except (ProcessLookupError, PermissionError):
+        return None
+
+
+def _signal_group(pid: int, sig: int, run_dir: Path) -> None:
+    """Signal the worker's process group: a worker (or torchrun) leads its own, ranks included."""
+    if pid <= 0:  # a worker known only from an old row: 0 would be this server's own group
+        return
+    group = _group_of(pid)
     with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, sig)  # the worker leads its own group: its children get the signal too
+        if group == pid or (group is not None and is_our_worker(group, run_dir)):
+            os.killpg(group, sig)
+        else:  # not started by a scheduler (no group of its own): never signal someone else's group
+            os.kill(pid, sig)
 
 
 def _now() -> float:

@@ -7,12 +7,13 @@ It is a cache of the event logs: ``reindex`` rebuilds runs and checkpoints from 
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import String, TypeDecorator, text
+from sqlalchemy import String, TypeDecorator, inspect, text
 from sqlalchemy import event as sa_event
 from sqlmodel import JSON, Column, Field, Session, SQLModel, create_engine, select
 
@@ -24,7 +25,7 @@ from backpropagate.events import FINAL_TYPES, EventBase, RunStatus, read_events
 ACTIVE_STATUSES = events.ACTIVE_STATUSES
 RESUMABLE_STATUSES = events.RESUMABLE_STATUSES
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 class StatusColumn(TypeDecorator):
@@ -61,6 +62,7 @@ class Run(SQLModel, table=True):
     total_steps: int | None = None
     loss: float | None = None
     tokens_per_s: float | None = None
+    queued_reason: str | None = None  # what a queued run waits for (set by the scheduler)
 
 
 class CheckpointRow(SQLModel, table=True):
@@ -105,8 +107,14 @@ class SchemaVersion(SQLModel, table=True):
     applied_at: float = Field(default_factory=time.time)
 
 
-# Each migration takes the store from version N-1 to N; each must be safe to run twice.
-MIGRATIONS: dict[int, list[str]] = {1: []}  # version 1 is the tables as declared above
+# Each migration takes the store from version N-1 to N; each must be safe to run twice. Version 1
+# is the tables as first declared; a new column is created with the table in a new database, so
+# its ADD COLUMN only runs where the column is missing.
+MIGRATIONS: dict[int, list[str]] = {
+    1: [],
+    2: ["ALTER TABLE runs ADD COLUMN queued_reason VARCHAR"],
+}
+_ADD_COLUMN = re.compile(r"ALTER TABLE (\w+) ADD COLUMN (\w+)", re.I)
 
 
 def apply_event(run: Run, event: EventBase) -> CheckpointRow | None:
@@ -185,6 +193,9 @@ class Store:
                 if version in have:
                     continue
                 for statement in MIGRATIONS[version]:
+                    added = _ADD_COLUMN.match(statement)
+                    if added and added[2] in {c["name"] for c in inspect(self.engine).get_columns(added[1])}:
+                        continue
                     s.exec(text(statement))  # type: ignore[call-overload]
                 s.add(SchemaVersion(version=version))
                 s.commit()
