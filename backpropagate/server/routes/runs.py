@@ -39,6 +39,7 @@ class RunPublic(BaseModel):
     total_steps: int | None
     loss: float | None
     tokens_per_s: float | None
+    queued_reason: str | None = None  # what a queued run waits for: GPUs, a CPU slot, an earlier run
 
     @classmethod
     def of(cls, run: Run) -> RunPublic:
