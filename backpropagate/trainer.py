@@ -89,6 +89,32 @@ class Trainer:
         log.info("run %s: %s at step %d, loss %s", run_id, result.status, result.step, result.final_loss)
         return result
 
+    def multi_run(
+        self,
+        data: str | Path,
+        num_runs: int,
+        steps_per_run: int,
+        samples_per_run: int,
+        merge: str = "slao",
+        callbacks: Iterable[Callback] | None = None,
+        resume: str | None = None,
+        **schedule: Any,
+    ) -> Any:
+        """Train ``num_runs`` runs on fresh chunks of ``data``, merging the adapters between runs.
+
+        ``schedule`` takes ``validate_every_run``, ``early_stopping``, ``patience``, ``min_delta`` and
+        ``wrap`` (see :class:`backpropagate.training.multirun.Schedule`); ``resume`` continues an
+        earlier multi-run by its id. Returns a ``MultiRunResult`` (its adapter is the merged one).
+        """
+        from backpropagate.training.multirun import Schedule, start_multi_run
+
+        plan = Schedule(num_runs, steps_per_run, samples_per_run, merge, **schedule)  # type: ignore[arg-type]
+        config = self.make_config(data)
+        hooks = list(callbacks or [])
+        result = start_multi_run(config, plan, resume=resume, on_event=lambda e: [h(e) for h in hooks])
+        self.config = config
+        return result
+
     def evaluate(self, data: str | Path | None = None) -> dict[str, float]:
         """Loss and perplexity of the trained model on ``data`` (default: the run's held-out split)."""
         if self.result is None or self.result.adapter_path is None or self.config is None:
