@@ -86,27 +86,57 @@ def register(app: typer.Typer) -> None:
     def serve(
         export: str = typer.Argument(..., help="A .gguf file, an export folder or a run id."),
         port: int = typer.Option(8000, "--port", "-p", help="Port (0 picks a free one)."),
-        host: str = typer.Option("127.0.0.1", "--host", help="Interface; loopback unless you mean it."),
+        host: str = typer.Option("127.0.0.1", "--host", help="Interface; non-loopback needs --api-key."),
         n_ctx: int = typer.Option(2048, "--ctx", help="Context length."),
+        api_key: str | None = typer.Option(
+            None,
+            "--api-key",
+            envvar="BACKPROPAGATE_SERVE_API_KEY",
+            help="Clients must send `Authorization: Bearer KEY` (the variable keeps it out of `ps`).",
+        ),
     ) -> None:
         """Serve a GGUF export with an OpenAI-style API (llama_cpp.server)."""
-        from backpropagate.export.serve import check_server_extra, free_port, resolve_gguf, serve_command
+        import signal
 
+        from backpropagate.errors import BackpropError, ErrorCode
+        from backpropagate.export.serve import check_server_extra, free_port, resolve_gguf, serve_command
+        from backpropagate.server.security.policy import is_loopback
+
+        if not is_loopback(host) and not (api_key and api_key.strip()):
+            raise BackpropError(
+                ErrorCode.RUNTIME_UI_AUTH_NOT_ENFORCED,
+                f"--host {host} (not a loopback address) would let anyone who reaches the port use "
+                "the model, and there is no --api-key.",
+                hint="Set BACKPROPAGATE_SERVE_API_KEY=$(openssl rand -hex 24) (or pass --api-key), "
+                "or serve on 127.0.0.1 and tunnel with `ssh -L`.",
+            )
         check_server_extra()
         gguf = resolve_gguf(export)
         port = port or free_port()
-        if host not in ("127.0.0.1", "localhost", "::1"):
+        if not api_key:
             print(
-                f"warning: {host} is not loopback and the model server has no authentication; "
-                "anyone who can reach this port can use it",
+                "note: no --api-key: every user of this machine can use this server "
+                "(set BACKPROPAGATE_SERVE_API_KEY to require one)",
                 file=sys.stderr,
             )
         print(f"serving {gguf} at http://{host}:{port}/v1 (Ctrl-C stops)", file=sys.stderr)
-        proc = subprocess.Popen(serve_command(gguf, port, host, n_ctx))
+        command = serve_command(
+            gguf, port, host, n_ctx, api_key=api_key, open_access=not api_key, exit_with_parent=True
+        )
+
+        def on_term(signum: int, frame: object) -> None:
+            raise KeyboardInterrupt  # one cleanup path: the server never outlives this command
+
+        signal.signal(signal.SIGTERM, on_term)
+        proc = subprocess.Popen(command)
         try:
             raise typer.Exit(proc.wait())
         except KeyboardInterrupt:
             proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
             raise typer.Exit(proc.wait()) from None
 
     @app.command()
@@ -117,6 +147,9 @@ def register(app: typer.Typer) -> None:
         ),
         system: str | None = typer.Option(None, "--system", help="System prompt."),
         max_tokens: int = typer.Option(256, "--max-tokens", help="Longest reply."),
+        api_key: str | None = typer.Option(
+            None, "--api-key", envvar="BACKPROPAGATE_SERVE_API_KEY", help="The --url server's API key."
+        ),
     ) -> None:
         """Chat with an export in the terminal; replies stream as they are generated."""
         from backpropagate.errors import BackpropError, ErrorCode
@@ -126,7 +159,7 @@ def register(app: typer.Typer) -> None:
                 ErrorCode.INPUT_REQUEST_INVALID, "give an EXPORT to load or --url of a server"
             )
         history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
-        stream = _chat_stream(export, url, max_tokens)
+        stream = _chat_stream(export, url, max_tokens, api_key)
         print("type a message; an empty line or Ctrl-D quits", file=sys.stderr)
         while True:
             try:
@@ -195,12 +228,12 @@ def register(app: typer.Typer) -> None:
         print(f"deleted {name}")
 
 
-def _chat_stream(export: str | None, url: str | None, max_tokens: int) -> Any:
+def _chat_stream(export: str | None, url: str | None, max_tokens: int, api_key: str | None = None) -> Any:
     """A function history -> iterator of text pieces, over HTTP or with the model loaded here."""
     if url:
         from backpropagate.export.serve import stream_chat
 
-        return lambda history: stream_chat(url, history, max_tokens=max_tokens)
+        return lambda history: stream_chat(url, history, max_tokens=max_tokens, api_key=api_key)
     from backpropagate.export.quantize import require_llama_cpp
     from backpropagate.export.serve import resolve_gguf
 

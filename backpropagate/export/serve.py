@@ -2,13 +2,20 @@
 
 ``stream_chat(base_url, messages)`` is the client the web app's Chat page and ``backprop chat``
 use: it yields the reply piece by piece as the server streams it.
+
+Every model server started through ``serve_command`` has an API key unless asked otherwise: a
+fresh random one per server, remembered in this process by base URL, so ``wait_ready`` and
+``stream_chat`` send it to the servers this process started (and to no other URL).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import secrets
 import socket
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -59,12 +66,52 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def serve_command(gguf: Path, port: int, host: str = "127.0.0.1", n_ctx: int = 2048) -> list[str]:
-    """The llama_cpp.server command line for a GGUF, bound to loopback by default."""
-    return [
+_KEYS: dict[str, str] = {}  # base URL -> API key of a model server this process started
+_KEYS_LOCK = threading.Lock()
+
+
+def _base_urls(host: str, port: int) -> list[str]:
+    shown = f"[{host}]" if ":" in host else host
+    names = {shown, "127.0.0.1"} if host in ("0.0.0.0", "localhost", "127.0.0.1") else {shown}
+    return [f"http://{name}:{port}" for name in sorted(names)]
+
+
+def server_key(base_url: str) -> str | None:
+    """The API key of the model server at ``base_url`` if this process started it."""
+    with _KEYS_LOCK:
+        return _KEYS.get(base_url.rstrip("/"))
+
+
+def _write_key_file(key: str, port: int) -> Path:
+    """A 0600 file under the private home holding ``key``; the server deletes it once read."""
+    folder = get_settings().home / "keys"
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path = folder / f"model-server-{port}-{secrets.token_hex(4)}.key"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(key)
+    return path
+
+
+def serve_command(
+    gguf: Path,
+    port: int,
+    host: str = "127.0.0.1",
+    n_ctx: int = 2048,
+    *,
+    api_key: str | None = None,
+    open_access: bool = False,
+    exit_with_parent: bool = False,
+) -> list[str]:
+    """The model server's command line for a GGUF, bound to loopback by default.
+
+    The server gets ``api_key``, or a fresh random key (remembered for ``stream_chat``), unless
+    ``open_access``. ``exit_with_parent``: the server stops when this process dies.
+    """
+    args = [
         sys.executable,
         "-m",
-        "llama_cpp.server",
+        "backpropagate.export.model_server",
         "--model",
         str(gguf),
         "--host",
@@ -74,6 +121,20 @@ def serve_command(gguf: Path, port: int, host: str = "127.0.0.1", n_ctx: int = 2
         "--n_ctx",
         str(n_ctx),
     ]
+    if not open_access:
+        key = api_key or secrets.token_urlsafe(32)
+        # The path is on the command line (ps shows it), the key is not.
+        args += ["--api-key-file", str(_write_key_file(key, port))]
+        with _KEYS_LOCK:
+            _KEYS.update(dict.fromkeys(_base_urls(host, port), key))
+    if exit_with_parent:
+        args.append("--exit-with-parent")
+    return args
+
+
+def _auth_headers(base_url: str, api_key: str | None) -> dict[str, str]:
+    key = api_key or server_key(base_url)
+    return {"Authorization": f"Bearer {key}"} if key else {}
 
 
 def check_server_extra() -> None:
@@ -92,10 +153,11 @@ def check_server_extra() -> None:
         )
 
 
-def wait_ready(base_url: str, timeout_s: float = 60.0, proc: Any = None) -> None:
+def wait_ready(base_url: str, timeout_s: float = 60.0, proc: Any = None, api_key: str | None = None) -> None:
     """Poll /v1/models until the server answers (or the process dies, or time runs out)."""
     import httpx
 
+    headers = _auth_headers(base_url, api_key)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
@@ -104,7 +166,7 @@ def wait_ready(base_url: str, timeout_s: float = 60.0, proc: Any = None) -> None
                 f"the model server exited with code {proc.returncode} before it was ready",
             )
         try:
-            if httpx.get(f"{base_url}/v1/models", timeout=2).status_code == 200:
+            if httpx.get(f"{base_url}/v1/models", headers=headers, timeout=2).status_code == 200:
                 return
         except httpx.TransportError:
             pass
@@ -120,9 +182,13 @@ def stream_chat(
     *,
     max_tokens: int = 256,
     temperature: float = 0.7,
+    api_key: str | None = None,
     **params: Any,
 ) -> Iterator[str]:
-    """Send a chat to an OpenAI-style server and yield the reply's text pieces as they arrive."""
+    """Send a chat to an OpenAI-style server and yield the reply's text pieces as they arrive.
+
+    ``api_key`` defaults to the key of the server, when this process started it.
+    """
     import httpx
 
     body = {
@@ -134,7 +200,17 @@ def stream_chat(
     }
     url = base_url.rstrip("/") + "/v1/chat/completions"
     try:
-        with httpx.stream("POST", url, json=body, timeout=httpx.Timeout(300, connect=5)) as resp:
+        headers = _auth_headers(base_url, api_key)
+        with httpx.stream(
+            "POST", url, json=body, headers=headers, timeout=httpx.Timeout(300, connect=5)
+        ) as resp:
+            if resp.status_code == 401:
+                raise BackpropError(
+                    ErrorCode.AUTH_INVALID_CREDENTIALS,
+                    f"the model server at {base_url} wants an API key, and this one was missing or wrong",
+                    hint="pass the key the server was started with: `backprop chat --url URL --api-key KEY` "
+                    "(or BACKPROPAGATE_SERVE_API_KEY)",
+                )
             if resp.status_code != 200:
                 resp.read()
                 raise BackpropError(

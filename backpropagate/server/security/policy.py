@@ -95,6 +95,11 @@ def _hosts_for_bind(host: str) -> list[str]:
     return [host.lower().strip("[]")]
 
 
+def bind_host_names(host: str) -> list[str]:
+    """The Host names a server bound to ``host`` answers besides loopback (none for a loopback bind)."""
+    return [] if is_loopback(host) else _hosts_for_bind(host)
+
+
 def strip_ambient_auth(env: MutableMapping[str, str], passed_on_cli: bool) -> list[str]:
     """Remove the auth variable so no child process inherits it.
 
