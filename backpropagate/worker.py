@@ -117,19 +117,19 @@ def _join_group() -> None:
     distributed.init()
 
 
-def _group_error(exc: BaseException) -> BackpropError | None:
-    """A collective that failed because another rank died, as a resumable crash of the group."""
-    if "torch" not in sys.modules:  # a plain worker that never loaded torch failed otherwise
-        return None
+# What a collective raises when a peer rank died or hangs (gloo raises plain RuntimeErrors).
+_GROUP_FAILURE_WORDS = ("gloo", "NCCL", "Connection closed", "Connection reset", "timed out", "Timed out")
+
+
+def _is_group_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` came from the process group: another rank died, not this one's training."""
+    if "torch" not in sys.modules:
+        return False
     from torch.distributed import DistError
 
-    if not isinstance(exc, DistError):
-        return None
-    return BackpropError(
-        ErrorCode.RUNTIME_WORKER_CRASHED,
-        f"A rank of the group stopped answering ({type(exc).__name__}: {exc}).",
-        hint="Resume the run: it continues from its last checkpoint. worker.rank<N>.log says why the rank died.",
-    )
+    if isinstance(exc, DistError):
+        return True
+    return isinstance(exc, RuntimeError) and any(word in str(exc) for word in _GROUP_FAILURE_WORDS)
 
 
 def run_worker(run_dir: Path) -> int:
@@ -147,6 +147,7 @@ def run_worker(run_dir: Path) -> int:
     last: dict[str, Any] = {"type": None, "step": None}
     trackers = Trackers({})
     log: EventLog | None = None
+    parallel = False
     if main_rank:
         log = EventLog(run_dir / "events.jsonl", read_run_id(run_dir))
 
@@ -196,7 +197,19 @@ def run_worker(run_dir: Path) -> int:
     except BaseException as exc:  # noqa: BLE001 - every way out must be recorded in the log
         traceback.print_exc()
         if last["type"] not in FINAL_TYPES:
-            emit(failed_event(_group_error(exc) or exc, last["step"]))
+            if parallel and _is_group_failure(exc):
+                # A rank died: no final event, so the run ends `interrupted` (resumable) as after
+                # any crashed worker; the warning says which way it went.
+                emit(
+                    Warning_(
+                        code=str(ErrorCode.RUNTIME_WORKER_CRASHED),
+                        message=f"A rank of the group stopped answering ({type(exc).__name__}: {exc}).",
+                        hint="Resume the run to continue from its last checkpoint; "
+                        "worker.rank<N>.log says why that rank ended.",
+                    )
+                )
+            else:
+                emit(failed_event(exc, last["step"]))
         return 1
     finally:
         trackers.close()

@@ -39,7 +39,7 @@ def test_a_plain_process_is_a_world_of_one(plain_process):
     assert dist_helpers.shard([3, 1, 2]) == [3, 1, 2]
     assert dist_helpers.any_rank(True) and not dist_helpers.any_rank(False)
     assert dist_helpers.every_rank(True) and dist_helpers.sum_ranks(2.5) == 2.5
-    assert dist_helpers.broadcast({"a": 1}) == {"a": 1}
+    assert dist_helpers.broadcast({"a": 1}) == {"a": 1} and dist_helpers.gather("x") == ["x"]
     dist_helpers.barrier()
     dist_helpers.teardown()
 
@@ -82,6 +82,7 @@ RANK_SCRIPT = textwrap.dedent(
         "every_one": d.every_rank(r == 1), "every_all": d.every_rank(True),
         "sum": d.sum_ranks(r + 1.5),
         "broadcast": d.broadcast({"micro_batch": 4 - r}),
+        "gather": d.gather(f"rank{r}"),
     }
     d.barrier()
     d.teardown()
@@ -108,6 +109,7 @@ def test_two_gloo_ranks_under_torchrun_agree(tmp_path):
     for x in ranks:
         assert (x["any_one"], x["any_none"], x["every_one"], x["every_all"]) == (True, False, False, True)
         assert x["sum"] == 4.0 and x["broadcast"] == {"micro_batch": 4}
+        assert x["gather"] == ["rank0", "rank1"]
 
 
 DYING_SCRIPT = textwrap.dedent(

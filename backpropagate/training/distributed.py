@@ -160,6 +160,17 @@ def broadcast(obj: T, src: int = 0) -> T:
     return holder[0]
 
 
+def gather(obj: T) -> list[T]:
+    """Every rank's ``obj``, in rank order, on every rank (each rank's device for run_started)."""
+    if not is_initialized():
+        return [obj]
+    import torch.distributed as dist
+
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def barrier() -> None:
     """Wait until every rank gets here (e.g. rank 0 finished writing a checkpoint)."""
     if not is_initialized():
