@@ -90,7 +90,7 @@ def is_main() -> bool:
 
 def device_name() -> str:
     """Where this rank trains: its own GPU under NCCL, the CPU under gloo."""
-    if is_initialized() or launched():
+    if launched():
         return f"cuda:{local_rank()}" if backend_name() == "nccl" else "cpu"
     return "cpu"
 
