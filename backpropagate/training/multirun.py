@@ -514,7 +514,13 @@ def start_multi_run(
             raise BackpropError(ErrorCode.STATE_RUN_NOT_FOUND, f"No multi-run '{resume}' under {runs}.")
         config = RunConfig.load(run_dir / "config.json")
     else:
-        schedule.check(config)  # before a folder exists for a run that cannot start
+        # Every check that can fail does, before a folder exists for a run that cannot start.
+        from backpropagate.data.loading import load_examples
+
+        schedule.check(config)
+        n_rows = len(load_examples(config.data, config.data_format, config.skip_bad_rows).examples)
+        plan_chunks(n_rows, schedule.num_runs, schedule.samples_per_run, seed=config.seed,
+                    validate=schedule.validates, wrap=schedule.wrap)  # fmt: skip
         run_dir = create_run_dir(runs)
         config.save(run_dir / "config.json")
     return multi_run_in_process(config, schedule, run_dir, on_event, control, **kwargs)
