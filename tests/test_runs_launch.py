@@ -333,3 +333,26 @@ def test_two_nodes_on_one_machine_complete_one_run(tmp_path):
     assert [e.type for e in events if e.type in ("run_started", "completed")] == ["run_started", "completed"]
     assert next(e for e in events if e.type == "run_started").backend == "gloo x2"
     _check_shards(run_dir, config)
+
+
+def test_backprop_train_gpus_2_on_a_cpu_machine_trains_two_cpu_ranks(tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "hello"}\n')
+    env = {**os.environ, **_rank_env(), "BACKPROPAGATE_HOME": str(tmp_path / "home")}
+    env.pop("BACKPROPAGATE_FAKE_GPUS", None)
+    args = ["train", "--data", str(data), "--gpus", "2", "--steps", "3", "--batch-size", "4", "--json"]
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "backprop"), *args],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout)
+    run_dir = Path(result["run_dir"])
+    config = RunConfig.load(run_dir / "config.json")
+    assert result["status"] == "completed" and result["step"] == 3
+    assert [h["loss"] for h in result["history"]] == [
+        pytest.approx(expected_loss(s, config)) for s in (1, 2, 3)
+    ]
+    events = _check_log(run_dir, config)
+    assert next(e for e in events if e.type == "run_started").backend == "gloo x2"
+    _check_shards(run_dir, config)

@@ -272,6 +272,11 @@ def _run(config: Any, run_dir: Path) -> Any:
                 elif kind == "checkpoint":
                     progress.console.print(f"checkpoint: {event.path}", style="dim")
 
+            from backpropagate.runs.group import processes_for, train_group
+
+            ranks = processes_for(config)
+            if ranks > 1:  # one rank per GPU (CPU ranks under BACKPROPAGATE_DIST_BACKEND=gloo)
+                return train_group(config, run_dir, ranks, show, control)
             return train_in_process(config, run_dir, show, control)
     except KeyboardInterrupt:
         console.print(f"aborted; resume from the last checkpoint with: backprop train --resume {run_dir.name}")
