@@ -23,8 +23,15 @@ def main() -> None:
     from reflex.istate.manager import reset_disk_state_manager
     from reflex.utils import exec as rx_exec
 
+    from backpropagate.launcher.asgi import TARGET
+
     reset_disk_state_manager()
-    rx_exec.run_backend_prod(host, port, constants.LogLevel.WARNING, mount_frontend_compiled_app=True)
+    # What rx_exec.run_backend_prod does, with our app target (see launcher/asgi.py).
+    environment.REFLEX_MOUNT_FRONTEND_COMPILED_APP.set(True)
+    if rx_exec.should_use_granian():
+        rx_exec.run_granian_backend_prod(host, port, constants.LogLevel.WARNING, app_target=TARGET)
+    else:
+        rx_exec.run_uvicorn_backend_prod(host, port, constants.LogLevel.WARNING, app_target=TARGET)
 
 
 if __name__ == "__main__":
