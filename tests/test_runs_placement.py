@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
+
 import pytest
 
 from backpropagate.config import RunConfig
@@ -146,3 +149,73 @@ def test_plan_starts_everything_that_fits_in_order():
     placer = Placer([0, 1], cpu_slots=1)
     starts, waiting = placer.plan([("g1", Request(1)), ("c1", Request(0)), ("g2", Request(1))])
     assert starts == [("g1", [0]), ("c1", []), ("g2", [1])] and waiting == {}
+
+
+# The scheduler's use of it: reasons on the run rows, through the API's model -------------------
+@pytest.fixture
+def standin(monkeypatch):
+    from test_worker_standin import standin_env
+
+    for key, value in standin_env(BACKPROPAGATE_STANDIN_STEP_S="0.05").items():
+        if os.environ.get(key) != value:
+            monkeypatch.setenv(key, value)
+
+
+def test_queued_runs_say_what_they_wait_for_until_they_start(tmp_path, standin):
+    from backpropagate.runs.service import RunService
+    from backpropagate.server.routes.runs import RunPublic
+    from backpropagate.settings import Settings
+
+    async def main():
+        service = RunService(Settings(home=tmp_path / "home"), gpu_indices=[0, 1])
+        await service.start()
+        try:
+            data = service.settings.datasets_dir / "d.jsonl"
+            data.write_text('{"text": "hello"}\n')
+            first = await service.submit(RunConfig(data=str(data), steps=30, gpu_ids=[1]))
+            second = await service.submit(RunConfig(data=str(data), steps=2, gpu_ids=[1]))
+            third = await service.submit(RunConfig(data=str(data), steps=2, gpus=1))
+            listed = {r.id: RunPublic.of(r) for r in await service.list()}
+            await service.stop(first.id)
+            while (await service.get(third.id)).status != "completed":
+                await asyncio.sleep(0.05)
+            while (await service.get(second.id)).status != "completed":
+                await asyncio.sleep(0.05)
+            return first, second, third, listed, [await service.get(i) for i in (second.id, third.id)]
+        finally:
+            await service.close()
+
+    first, second, third, listed, after = asyncio.run(main())
+    assert listed[first.id].status == "running" and listed[first.id].queued_reason is None
+    assert listed[second.id].status == "queued"
+    assert listed[second.id].queued_reason == f"waiting for GPU 1: GPU 1: run {first.id}"
+    # GPU 0 is free, but the third run never overtakes the second.
+    assert (
+        listed[third.id].queued_reason
+        == f"queued behind run {second.id} (runs start in the order they were queued)"
+    )
+    assert [r.queued_reason for r in after] == [None, None] and after[0].gpus == [1]
+
+
+def test_a_store_from_before_queued_reason_gains_the_column(tmp_path):
+    import sqlite3
+
+    from backpropagate.runs.store import Store
+
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path) as con:  # the schema-1 runs table, one row in it
+        con.execute(
+            "CREATE TABLE runs (id VARCHAR PRIMARY KEY, name VARCHAR, config JSON, status VARCHAR, "
+            "created_at FLOAT, started_at FLOAT, ended_at FLOAT, pid INTEGER, gpus JSON, exit_code INTEGER, "
+            "error_code VARCHAR, error_message VARCHAR, final_metrics JSON, last_seq INTEGER, step INTEGER, "
+            "total_steps INTEGER, loss FLOAT, tokens_per_s FLOAT)"
+        )
+        con.execute("CREATE TABLE schema_version (version INTEGER PRIMARY KEY, applied_at FLOAT)")
+        con.execute("INSERT INTO schema_version VALUES (1, 0)")
+        con.execute(
+            "INSERT INTO runs VALUES ('r1', NULL, '{}', 'queued', 1, NULL, NULL, NULL, '[]', NULL, NULL, NULL, "
+            "'{}', 0, 0, NULL, NULL, NULL)"
+        )
+    store = Store(f"sqlite:///{path}")
+    assert store.schema_version() == 2 and store.migrate() == 2
+    assert store.update_run("r1", queued_reason="waiting for 1 GPU").queued_reason == "waiting for 1 GPU"
