@@ -25,7 +25,7 @@ runs_app = typer.Typer(
 )
 
 URL_HELP = "Talk to the API server at this URL (e.g. http://127.0.0.1:8000) instead of the local store."
-COLUMNS = ("id", "name", "status", "step", "loss", "tokens_per_s", "created_at")
+COLUMNS = ("id", "name", "status", "step", "loss", "tokens_per_s", "created_at", "gpus")
 
 
 def _unreachable(url: str, exc: BaseException) -> BackpropError:
@@ -77,7 +77,9 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
         step = f"{r['step']}/{r['total_steps']}" if r.get("total_steps") else str(r["step"])
         loss = f"{r['loss']:.4f}" if r.get("loss") is not None else ""
         tps = f"{r['tokens_per_s']:.0f}" if r.get("tokens_per_s") else ""
-        table.add_row(r["id"], r.get("name") or "", r["status"], step, loss, tps, created)
+        # Which GPUs a run holds, or for a queued run what it waits for.
+        gpus = r.get("queued_reason") if r["status"] == "queued" else ",".join(map(str, r.get("gpus") or []))
+        table.add_row(r["id"], r.get("name") or "", r["status"], step, loss, tps, created, gpus or "")
     Console().print(table)
 
 
