@@ -13,7 +13,7 @@ from backpropagate.errors import BackpropError, ErrorCode
 
 EXAMPLES = """Examples:
 
-  backprop multi-run --model demo --data examples/quickstart.jsonl --runs 3 --steps 20 --samples 3
+  backprop multi-run --model demo --data examples/quickstart.jsonl --runs 2 --steps 5 --samples 3
 
   backprop multi-run -m demo -d chats.jsonl --runs 5 --steps 50 --samples 200 --merge linear --json
 
