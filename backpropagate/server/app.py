@@ -7,6 +7,7 @@ with the catalog's HTTP status. The server never imports torch.
 from __future__ import annotations
 
 import importlib
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -26,8 +27,18 @@ from backpropagate.settings import Settings, get_settings
 log = get_logger(__name__)
 
 
+_LONG_WORD = re.compile(r"\S{200,}")
+
+
+def _clip_words(text: str) -> str:
+    """Shorten every run of 200+ non-space characters: an id, name or value from the request
+    (`No run with id 'AAAA…'`) is never sent back at length, whatever route put it there."""
+    return _LONG_WORD.sub(lambda m: f"{m.group(0)[:80]}… ({len(m.group(0))} characters)", text)
+
+
 def error_response(err: BackpropError) -> JSONResponse:
-    body = {"code": str(err.code), "message": err.message, "hint": err.hint, "retryable": err.retryable}
+    message = _clip_words(err.message)
+    body = {"code": str(err.code), "message": message, "hint": err.hint, "retryable": err.retryable}
     if err.details:
         body["details"] = err.details
     return JSONResponse(body, status_code=err.http_status)

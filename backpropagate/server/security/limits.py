@@ -1,6 +1,7 @@
 """Request shape limits, checked before the app reads anything: URL length, NUL bytes, body size.
 
-A URL longer than the limits gets 414 ``INPUT_URL_TOO_LONG``; a NUL byte or another control
+A URL longer than the limits (or with a path segment longer than a file name can be) gets 414
+``INPUT_URL_TOO_LONG``; a NUL byte or another control
 character in the path or query gets 400 ``INPUT_URL_INVALID`` (neither is echoed back). A body
 larger than the cap gets 413 ``INPUT_REQUEST_TOO_LARGE``: at once when Content-Length says so,
 otherwise as soon as the running count passes the cap (chunked bodies), so nothing past the cap is
@@ -10,6 +11,7 @@ ever buffered. File uploads have their own, larger cap; their routes check the e
 from __future__ import annotations
 
 import re
+from urllib.parse import unquote_to_bytes
 
 from backpropagate.errors import ErrorCode
 from backpropagate.server.security.asgi import (
@@ -26,6 +28,10 @@ from backpropagate.server.security.asgi import (
 
 MAX_PATH_BYTES = 2048
 MAX_QUERY_BYTES = 8192
+# Ids and file names: no file system takes a name longer than 255 bytes, so no route needs one.
+MAX_SEGMENT_BYTES = 255
+# A query value is an id, a relative file name or a model name; a longer one is not a request.
+MAX_QUERY_VALUE_BYTES = 1024
 # The routes that take a file: the API's data set upload and the web app's own upload endpoint.
 UPLOAD_PATHS = frozenset({"/api/datasets", "/_upload"})
 # Multipart framing around an upload at the route's limit must still reach the route's own check.
@@ -50,7 +56,14 @@ class RequestLimits:
             return await self.app(scope, receive, send)
         raw_path = scope.get("raw_path") or scope["path"].encode("utf-8", "surrogateescape")
         query = scope.get("query_string", b"")
-        if len(raw_path) > MAX_PATH_BYTES or len(query) > MAX_QUERY_BYTES:
+        if (
+            len(raw_path) > MAX_PATH_BYTES
+            or len(query) > MAX_QUERY_BYTES
+            or any(
+                len(part.encode("utf-8", "surrogateescape")) > MAX_SEGMENT_BYTES
+                for part in scope["path"].split("/")
+            )
+        ):
             return await refuse(scope, receive, send, ErrorCode.INPUT_URL_TOO_LONG)
         if _CONTROL.search(raw_path) or _CONTROL.search(query) or "\x00" in scope["path"]:
             return await refuse(scope, receive, send, ErrorCode.INPUT_URL_INVALID)
@@ -97,6 +110,10 @@ class RequestLimits:
         except Exception:
             if not over:
                 raise  # the app failed on its own; only the refusal we caused is swallowed
+
+
+def _query_values(query: bytes) -> list[bytes]:
+    return [unquote_to_bytes(p.partition(b"=")[2].replace(b"+", b" ")) for p in query.split(b"&")]
 
 
 def _too_large(limit: int) -> str:
