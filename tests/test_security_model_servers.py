@@ -89,22 +89,32 @@ def test_security_app_model_server_needs_its_key(gguf: Path) -> None:
 
 
 def test_security_serve_refuses_a_network_host_without_a_key(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if k != "BACKPROPAGATE_SERVE_API_KEY"}
     out = subprocess.run(
         [*BACKPROP, "serve", str(tmp_path / "none.gguf"), "--host", "0.0.0.0", "--port", str(free_port())],
-        capture_output=True, text=True, timeout=60, env=env,
+        capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert out.returncode == 1
-    assert "[RUNTIME_UI_AUTH_NOT_ENFORCED]" in out.stderr and "--api-key" in out.stderr
+    assert "[RUNTIME_UI_AUTH_NOT_ENFORCED]" in out.stderr and "--api-key-file" in out.stderr
     assert "hint: " in out.stderr
+    # A key file every user can read is no secret: refused too.
+    key_file = tmp_path / "key.txt"
+    key_file.write_text("k-123\n")
+    key_file.chmod(0o644)
+    out = subprocess.run(
+        [*BACKPROP, "serve", str(tmp_path / "none.gguf"), "--host", "0.0.0.0", "--api-key-file", str(key_file)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 1 and "[INPUT_AUTH_INVALID_SHAPE]" in out.stderr and "chmod 600" in out.stderr
 
 
-def _serve(gguf: Path, port: int, key: str) -> tuple[subprocess.Popen, psutil.Process]:
-    """`backprop serve` with a key (from the environment); returns it and its model server child."""
-    env = {**os.environ, "BACKPROPAGATE_SERVE_API_KEY": key}
+def _serve(gguf: Path, port: int, key: str, tmp: Path) -> tuple[subprocess.Popen, psutil.Process]:
+    """`backprop serve` with a key (from a private file); returns it and its model server child."""
+    key_file = tmp / f"key-{port}.txt"
+    key_file.write_text(key + "\n")
+    key_file.chmod(0o600)
     proc = subprocess.Popen(
-        [*BACKPROP, "serve", str(gguf), "--port", str(port)],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        [*BACKPROP, "serve", str(gguf), "--port", str(port), "--api-key-file", str(key_file)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )  # fmt: skip
     wait_ready(f"http://127.0.0.1:{port}", 120, proc, api_key=key)
     (child,) = [c for c in psutil.Process(proc.pid).children() if "model_server" in " ".join(c.cmdline())]
@@ -124,14 +134,16 @@ def _gone(child: psutil.Process, port: int, timeout: float = 30) -> bool:
 
 
 @pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
-def test_security_serve_never_leaves_its_server_behind(gguf: Path, how: signal.Signals) -> None:
+def test_security_serve_never_leaves_its_server_behind(
+    gguf: Path, how: signal.Signals, tmp_path: Path
+) -> None:
     port, key = free_port(), "k-" + os.urandom(8).hex()
-    proc, child = _serve(gguf, port, key)
+    proc, child = _serve(gguf, port, key, tmp_path)
     try:
         base = f"http://127.0.0.1:{port}"
         assert httpx.get(f"{base}/v1/models", trust_env=False).status_code == 401
         list(stream_chat(base, MESSAGES, max_tokens=4, api_key=key))  # raises on a refusal
-        assert key not in " ".join(child.cmdline())
+        assert key not in " ".join(child.cmdline()) + " ".join(psutil.Process(proc.pid).cmdline())
         proc.send_signal(how)  # only the parent: the server must follow it
         proc.wait(30)
         assert _gone(child, port), f"the model server outlived `backprop serve` ({how.name})"

@@ -89,10 +89,10 @@ def register(app: typer.Typer) -> None:
         host: str = typer.Option("127.0.0.1", "--host", help="Interface; non-loopback needs --api-key."),
         n_ctx: int = typer.Option(2048, "--ctx", help="Context length."),
         api_key: str | None = typer.Option(
-            None,
-            "--api-key",
-            envvar="BACKPROPAGATE_SERVE_API_KEY",
-            help="Clients must send `Authorization: Bearer KEY` (the variable keeps it out of `ps`).",
+            None, "--api-key", help="Clients must send `Authorization: Bearer KEY` (visible in `ps`)."
+        ),
+        api_key_file: Path | None = typer.Option(
+            None, "--api-key-file", help="Read the API key from this file (mode 600): not visible in `ps`."
         ),
     ) -> None:
         """Serve a GGUF export with an OpenAI-style API (llama_cpp.server)."""
@@ -102,21 +102,21 @@ def register(app: typer.Typer) -> None:
         from backpropagate.export.serve import check_server_extra, free_port, resolve_gguf, serve_command
         from backpropagate.server.security.policy import is_loopback
 
-        if not is_loopback(host) and not (api_key and api_key.strip()):
+        api_key = _api_key(api_key, api_key_file)
+        if not is_loopback(host) and not api_key:
             raise BackpropError(
                 ErrorCode.RUNTIME_UI_AUTH_NOT_ENFORCED,
                 f"--host {host} (not a loopback address) would let anyone who reaches the port use "
                 "the model, and there is no --api-key.",
-                hint="Set BACKPROPAGATE_SERVE_API_KEY=$(openssl rand -hex 24) (or pass --api-key), "
-                "or serve on 127.0.0.1 and tunnel with `ssh -L`.",
+                hint="Pass --api-key-file FILE (a random key in a mode-600 file, e.g. from "
+                "`openssl rand -hex 24`), or serve on 127.0.0.1 and tunnel with `ssh -L`.",
             )
         check_server_extra()
         gguf = resolve_gguf(export)
         port = port or free_port()
         if not api_key:
             print(
-                "note: no --api-key: every user of this machine can use this server "
-                "(set BACKPROPAGATE_SERVE_API_KEY to require one)",
+                "note: no --api-key-file: every user of this machine can use this server",
                 file=sys.stderr,
             )
         print(f"serving {gguf} at http://{host}:{port}/v1 (Ctrl-C stops)", file=sys.stderr)
@@ -147,8 +147,9 @@ def register(app: typer.Typer) -> None:
         ),
         system: str | None = typer.Option(None, "--system", help="System prompt."),
         max_tokens: int = typer.Option(256, "--max-tokens", help="Longest reply."),
-        api_key: str | None = typer.Option(
-            None, "--api-key", envvar="BACKPROPAGATE_SERVE_API_KEY", help="The --url server's API key."
+        api_key: str | None = typer.Option(None, "--api-key", help="The --url server's API key."),
+        api_key_file: Path | None = typer.Option(
+            None, "--api-key-file", help="Read the --url server's API key from this file."
         ),
     ) -> None:
         """Chat with an export in the terminal; replies stream as they are generated."""
@@ -159,7 +160,7 @@ def register(app: typer.Typer) -> None:
                 ErrorCode.INPUT_REQUEST_INVALID, "give an EXPORT to load or --url of a server"
             )
         history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
-        stream = _chat_stream(export, url, max_tokens, api_key)
+        stream = _chat_stream(export, url, max_tokens, _api_key(api_key, api_key_file))
         print("type a message; an empty line or Ctrl-D quits", file=sys.stderr)
         while True:
             try:
@@ -226,6 +227,22 @@ def register(app: typer.Typer) -> None:
 
         OllamaClient().delete(name)
         print(f"deleted {name}")
+
+
+def _api_key(value: str | None, path: Path | None) -> str | None:
+    """The key given on the command line, or read from a private file (refused when others can read it)."""
+    if path is None:
+        return (value.strip() or None) if value else None
+    from backpropagate.errors import BackpropError, ErrorCode
+    from backpropagate.server.security.accounts import check_secret_file
+
+    note = check_secret_file(path, "API key file")
+    if note:
+        print(f"warning: {note}", file=sys.stderr)
+    key = path.read_text(encoding="utf-8").strip()
+    if not key:
+        raise BackpropError(ErrorCode.INPUT_AUTH_INVALID_SHAPE, f"The API key file {path} is empty.")
+    return key
 
 
 def _chat_stream(export: str | None, url: str | None, max_tokens: int, api_key: str | None = None) -> Any:

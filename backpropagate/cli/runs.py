@@ -290,8 +290,14 @@ def watch(
 
 
 def serve_api(
-    host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind; non-loopback needs --auth."),
-    port: int = typer.Option(8000, "--port", help="Port to listen on."),
+    host: str | None = typer.Option(
+        None,
+        "--host",
+        help="Interface to bind; non-loopback needs --auth. [default: BACKPROPAGATE_SERVER__HOST, 127.0.0.1]",
+    ),
+    port: int | None = typer.Option(
+        None, "--port", help="Port to listen on. [default: BACKPROPAGATE_SERVER__PORT if set, else 8000]"
+    ),
     log_level: str = typer.Option("info", "--log-level"),
     auth: str | None = typer.Option(None, "--auth", help="user:password for HTTP Basic and login."),
     auth_file: Path | None = typer.Option(None, "--auth-file", help="File (mode 600) holding user:password."),

@@ -208,8 +208,8 @@ def stream_chat(
                 raise BackpropError(
                     ErrorCode.AUTH_INVALID_CREDENTIALS,
                     f"the model server at {base_url} wants an API key, and this one was missing or wrong",
-                    hint="pass the key the server was started with: `backprop chat --url URL --api-key KEY` "
-                    "(or BACKPROPAGATE_SERVE_API_KEY)",
+                    hint="pass the key the server was started with: "
+                    "`backprop chat --url URL --api-key-file FILE`",
                 )
             if resp.status_code != 200:
                 resp.read()

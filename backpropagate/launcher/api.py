@@ -15,22 +15,37 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from backpropagate.server.security import policy as security
+from backpropagate.settings import get_settings
 
 # Scripts poll the API; the UI's per-address request limit is sized for one browser tab.
 API_REQUESTS_BURST = 2000
 API_REQUESTS_PER_SECOND = 200
 
 
+DEFAULT_PORT = 8000  # not the settings' 7860: that one is `backprop ui`'s
+
+
 @dataclass
 class ApiOptions:
-    """The flags of `backprop serve-api`."""
+    """The flags of `backprop serve-api`; a host or port left None comes from Settings."""
 
-    host: str = "127.0.0.1"
-    port: int = 8000
+    host: str | None = None
+    port: int | None = None
     log_level: str = "info"
     auth: str | None = None
     auth_file: Path | None = None
     users_file: Path | None = None
+
+    @property
+    def bind_host(self) -> str:
+        return get_settings().server.host if self.host is None else self.host  # flags win
+
+    @property
+    def bind_port(self) -> int:
+        if self.port is not None:
+            return self.port
+        server = get_settings().server
+        return server.port if "port" in server.model_fields_set else DEFAULT_PORT
 
 
 def _say(message: str) -> None:
@@ -42,8 +57,8 @@ def api_policy(opts: ApiOptions) -> tuple[security.SecurityPolicy, str | None]:
     for name in security.strip_ambient_auth(os.environ, passed_on_cli=bool(opts.auth or opts.auth_file)):
         _say(f"note: ignoring {name} from the environment; pass credentials with --auth or --auth-file")
     policy = security.resolve_policy(
-        host=opts.host,
-        port=opts.port,
+        host=opts.bind_host,
+        port=opts.bind_port,
         auth=opts.auth,
         auth_file=opts.auth_file,
         users_file=opts.users_file,
@@ -63,7 +78,7 @@ def serve_api(opts: ApiOptions) -> None:
     from backpropagate.launcher.run import check_port_free
 
     policy, token = api_policy(opts)
-    check_port_free(opts.host, opts.port, server="server")
+    check_port_free(opts.bind_host, opts.bind_port, server="server")
     os.umask(0o077)  # the DB, logs and uploads are readable by this user only
     import uvicorn
 
@@ -76,19 +91,19 @@ def serve_api(opts: ApiOptions) -> None:
         requests_burst=API_REQUESTS_BURST,
         requests_per_second=API_REQUESTS_PER_SECOND,
     )
-    shown = f"[{opts.host}]" if ":" in opts.host else opts.host
-    _say(f"API at http://{shown}:{opts.port}/api ({policy.mode} mode)")
+    shown = f"[{opts.bind_host}]" if ":" in opts.bind_host else opts.bind_host
+    _say(f"API at http://{shown}:{opts.bind_port}/api ({policy.mode} mode)")
     if token:
         _say(
             "this user's own processes on this machine need no token; other clients send "
-            f"`Authorization: Bearer {token}` (browser: http://{shown}:{opts.port}/api/docs?token={token})"
+            f"`Authorization: Bearer {token}` (browser: http://{shown}:{opts.bind_port}/api/docs?token={token})"
         )
     # proxy_headers off: uvicorn would otherwise take X-Forwarded-For from any loopback peer; the
     # guard believes it only from BACKPROPAGATE_SERVER__TRUSTED_PROXIES.
     uvicorn.run(
         app,
-        host=opts.host,
-        port=opts.port,
+        host=opts.bind_host,
+        port=opts.bind_port,
         log_level=opts.log_level,
         ws="websockets-sansio",
         proxy_headers=False,
