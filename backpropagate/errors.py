@@ -14,8 +14,12 @@ and a test keeps the two in step.
 
 from __future__ import annotations
 
+import errno
+import os
+import shutil
 from dataclasses import dataclass
 from enum import StrEnum
+from pathlib import Path
 from typing import Any
 
 
@@ -405,6 +409,57 @@ class BackpropError(Exception):
         if self.details:
             out["details"] = self.details
         return out
+
+
+# How a full disk shows up: OSError ENOSPC from Python, safetensors' "(os error 28)", and torch.save's
+# "[enforce fail at inline_container.cc:...] unexpected pos" (no errno: told apart by free space).
+_DISK_FULL_TEXTS = ("No space left on device", "os error 28", "StorageFull")
+_NEARLY_FULL_BYTES = 64 * 2**20
+
+
+def _free_bytes(path: str | os.PathLike[str] | None) -> int | None:
+    if path is None:
+        return None
+    folder = Path(path)
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
+
+
+def disk_full_error(exc: BaseException, path: str | os.PathLike[str] | None = None) -> BackpropError | None:
+    """RUNTIME_DISK_FULL (with the path and the free space left) when ``exc``, or an exception it
+    was raised from, is a full disk; None otherwise. ``path``: where the write went, when known."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, BackpropError) and current.code == ErrorCode.RUNTIME_DISK_FULL:
+            return current
+        text = str(current)
+        where = getattr(current, "filename", None) or path
+        full = getattr(current, "errno", None) == errno.ENOSPC or any(t in text for t in _DISK_FULL_TEXTS)
+        if not full and "inline_container" in text and "unexpected pos" in text:
+            if where is None:
+                from backpropagate.settings import get_settings
+
+                where = get_settings().home  # torch names no file; the runs live there
+            free = _free_bytes(where)
+            full = free is not None and free < _NEARLY_FULL_BYTES
+        if full:
+            free = _free_bytes(where)
+            said = f" writing {where}" if where else ""
+            left = f"; {free / 2**20:.1f} MB free on that disk" if free is not None else ""
+            return BackpropError(
+                ErrorCode.RUNTIME_DISK_FULL,
+                f"No space left on the disk{said}{left}.",
+                path=str(where) if where else None,
+                free_bytes=free,
+            )
+        current = current.__cause__ or current.__context__
+    return None
 
 
 def render_markdown() -> str:
