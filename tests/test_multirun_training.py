@@ -61,7 +61,9 @@ def test_validation_loss_per_run_and_a_failing_validation_leaves_training_going(
             raise RuntimeError("validation broke")
         return validation_loss(cfg, adapter, holdout)
 
-    schedule = Schedule(num_runs=3, steps_per_run=4, samples_per_run=8, early_stopping=False)
+    schedule = Schedule(
+        num_runs=3, steps_per_run=4, samples_per_run=8, early_stopping=False, track_forgetting=True
+    )
     result = start_multi_run(config(rows_file), schedule, validate=flaky_validation)
 
     assert result.status == "completed" and [r["index"] for r in result.runs] == [1, 2, 3]
@@ -69,6 +71,9 @@ def test_validation_loss_per_run_and_a_failing_validation_leaves_training_going(
     vals = [r["val_loss"] for r in result.runs]
     assert vals[0] > 0 and vals[1] is None and vals[2] > 0  # the broken one is a gap, not the end
     assert [r["lambda"] for r in result.runs] == pytest.approx([1.0, 2**-0.5, 3**-0.5])
+    # Forgetting: after run k, the merge's loss on the chunk of every run so far.
+    assert [sorted(r["chunk_loss"]) for r in result.runs] == [["run-01"], ["run-01", "run-02"],
+                                                               ["run-01", "run-02", "run-03"]]  # fmt: skip
     manifest = json.loads((result.run_dir / "multirun.json").read_text())
     assert manifest["holdout"] == 3 and manifest["chunks"] == [8, 8, 8]
     assert [r["val_loss"] for r in manifest["runs"]] == vals

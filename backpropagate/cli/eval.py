@@ -105,7 +105,8 @@ def print_result(result: dict[str, Any]) -> None:
 
     run, vs, diff = result["run"], result["vs"], result.get("diff") or {}
     console = Console(width=None if sys.stdout.isatty() else 160)
-    title = f"{result['run_id']}" + (f" vs {result['vs_id']}" if vs else "") + f" ({run['n']} examples)"
+    rows = f" ({run['n']} examples)" if run["n"] else ""
+    title = f"{result['run_id']}" + (f" vs {result['vs_id']}" if vs else "") + rows
     table = Table(title=title)
     table.add_column("metric")
     table.add_column("this run")
@@ -127,7 +128,7 @@ def print_result(result: dict[str, Any]) -> None:
                 cells += ["", ""]
         table.add_row(*cells)
     console.print(table)
-    if vs and "exact_match" in diff:
+    if vs and diff:
         console.print(verdict_line(result))
     if result.get("path"):
         console.print(f"saved: {result['path']}")

@@ -32,6 +32,7 @@ def multi_run(
     early_stopping: bool = True,
     patience: int = 2,
     wrap: bool = False,
+    track_forgetting: bool = False,
     resume: str | None = None,
     as_json: bool = False,
     **options: Any,
@@ -58,6 +59,7 @@ def multi_run(
     schedule = Schedule(
         num_runs=runs or 1, steps_per_run=steps or 1, samples_per_run=samples or 1, merge=merge,  # type: ignore[arg-type]
         validate_every_run=validate, early_stopping=early_stopping, patience=patience, wrap=wrap,
+        track_forgetting=track_forgetting,
     )  # fmt: skip
     _quiet_libraries()
     control = RunControl()
@@ -92,7 +94,11 @@ def multi_run(
         return
     for entry in result.runs:
         val = f"{entry['val_loss']:.4f}" if entry["val_loss"] is not None else "-"
-        print(f"run {entry['index']}: λ={entry['lambda']:.3f} loss {entry['final_loss']:.4f} val loss {val}")
+        chunks = entry.get("chunk_loss") or {}
+        earlier = "".join(f", {name} {loss:.4f}" for name, loss in chunks.items())
+        print(
+            f"run {entry['index']}: λ={entry['lambda']:.3f} loss {entry['final_loss']:.4f} val loss {val}{earlier}"
+        )
     if result.status == "cancelled":
         print(f"stopped; resume with: backprop multi-run --resume {result.run_id}")
         raise typer.Exit(130)
@@ -131,6 +137,13 @@ def _parameters() -> list[inspect.Parameter]:
         ),  # fmt: skip
         opt("patience", int, 2, "--patience", help="Runs without improvement before stopping early."),
         opt("wrap", bool, False, "--wrap", help="Once every row was trained on, reshuffle and go on."),
+        opt(
+            "track_forgetting",
+            bool,
+            False,
+            "--track-forgetting",
+            help="After each merge, measure the loss on every earlier run's chunk.",
+        ),  # fmt: skip
         opt("resume", str | None, None, "--resume", help="Continue multi-run RUN_ID where it stopped."),
         opt("as_json", bool, False, "--json", help="Print the result as JSON on stdout."),
     ]

@@ -257,6 +257,9 @@ def evaluate_run(
 
     torch.manual_seed(seed)
     config = src.run_config or {}
+    holdout = src.run_dir / "data" / "holdout.jsonl" if src.run_dir is not None else None
+    if config and holdout is not None and (src.run_dir / "multirun.json").is_file() and holdout.is_file():
+        config = {**config, "eval_data": str(holdout)}  # a multi-run's held-out rows, never trained on
     max_len = int(config.get("max_seq_len", 1024))
 
     def loss_rows(m: Model) -> list[dict[str, list[int]]]:

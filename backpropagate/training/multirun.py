@@ -70,6 +70,7 @@ class Schedule:
     patience: int = 2  # runs without a better validation loss before stopping
     min_delta: float = 0.0  # how much lower a validation loss must be to count as better
     wrap: bool = False  # reuse the pool (a fresh shuffle) once every chunk was trained on
+    track_forgetting: bool = False  # after each merge, the loss on every earlier run's chunk
 
     @property
     def validates(self) -> bool:
@@ -197,6 +198,11 @@ def _write_adapter(folder: Path, state: dict[str, Any], like: Path) -> None:
 
 def validation_loss(config: RunConfig, adapter: Path, holdout_file: Path) -> tuple[float, float]:
     """(loss, perplexity) of the base model with ``adapter`` on the holdout rows."""
+    return losses_on(config, adapter, [holdout_file])[0]
+
+
+def losses_on(config: RunConfig, adapter: Path, files: list[Path]) -> list[tuple[float, float]]:
+    """(loss, perplexity) of the base model with ``adapter`` on each file's rows (one model load)."""
     from functools import partial
 
     from peft import PeftModel
@@ -207,18 +213,23 @@ def validation_loss(config: RunConfig, adapter: Path, holdout_file: Path) -> tup
     from backpropagate.training.evaluation import evaluate
 
     tokenizer = load_tokenizer(str(adapter))
-    cfg = RunConfig.parse({**config.model_dump(), "data": str(holdout_file), "eval_data": None,
-                           "eval_fraction": 0.0, "packing": False, "data_format": "auto"})  # fmt: skip
-    rows = prepare_datasets(cfg, tokenizer).train
     device = pick_device(config)
     base = AutoModelForCausalLM.from_pretrained(resolve_model_path(config.model))
     model = PeftModel.from_pretrained(base, str(adapter)).to(device)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    return evaluate(model, rows, partial(collate, pad_id=pad), batch_size=4, device=device)
+    out = []
+    for file in files:
+        cfg = RunConfig.parse({**config.model_dump(), "data": str(file), "eval_data": None,
+                               "eval_fraction": 0.0, "packing": False, "data_format": "auto"})  # fmt: skip
+        rows = prepare_datasets(cfg, tokenizer).train
+        out.append(evaluate(model, rows, partial(collate, pad_id=pad), batch_size=4, device=device))
+    return out
 
 
 @dataclass
 class _Done:
+    """A sub-run found completed on disk, standing in for its TrainResult."""
+
     step: int
     final_loss: float | None
     status: str = "completed"
@@ -315,6 +326,7 @@ def run_multi(
         _write_adapter(merged_dir, merged, new_adapter)
 
         val = _validate(validate, config, merged_dir, holdout_file, schedule, plan, emit, k)
+        forgetting = _forgetting(config, merged_dir, data_dir, k, emit) if schedule.track_forgetting else None
         if k < len(plan.chunks):
             (run_dir / "init").mkdir(exist_ok=True)
             _write_adapter(
@@ -331,6 +343,7 @@ def run_multi(
             "final_loss": result.final_loss,
             "samples": len(chunk),
             "merged_adapter": str(merged_dir),
+            "chunk_loss": forgetting,
             "status": "merged",
             "ts": time.time(),
         }
@@ -406,6 +419,24 @@ def _validate(
         emit(Warning_(code=str(ErrorCode.RUNTIME_TRAINING_FAILED), message=message))
         return None
     return (loss, ppl) if math.isfinite(loss) else None
+
+
+def _forgetting(
+    config: RunConfig, merged_dir: Path, data_dir: Path, k: int, emit: Emit
+) -> dict[str, float] | None:
+    """Loss of the merge after run ``k`` on the chunk of every run so far ("run 1's chunk after run 3")."""
+    names = [f"run-{j:02d}" for j in range(1, k + 1)]
+    try:
+        losses = losses_on(config, merged_dir, [data_dir / f"{name}.jsonl" for name in names])
+    except Exception as exc:  # noqa: BLE001 - a measurement; training goes on without it
+        emit(
+            Warning_(
+                code=str(ErrorCode.RUNTIME_TRAINING_FAILED),
+                message=f"Chunk losses after run {k} failed: {exc}",
+            )
+        )
+        return None
+    return {name: loss for name, (loss, _) in zip(names, losses, strict=True)}
 
 
 def _update_best(manifest: dict[str, Any], entry: dict[str, Any], schedule: Schedule) -> None:
