@@ -107,21 +107,20 @@ def load_run_model(run: str | Path) -> tuple[Model, Any]:
     from backpropagate.export.source import resolve_source
 
     src = resolve_source(str(run))  # an unknown run fails before torch is imported
-    import torch
     from transformers import AutoModelForCausalLM
 
     from backpropagate.models.tokenizer import load_tokenizer
 
-    device = torch.device("cpu")
+    device, dtype = _device()
     if src.adapter_dir is not None:
         from peft import PeftModel
 
-        base = AutoModelForCausalLM.from_pretrained(src.base_model, dtype=torch.float32)
+        base = AutoModelForCausalLM.from_pretrained(src.base_model, dtype=dtype)
         model = PeftModel.from_pretrained(base, str(src.adapter_dir))
         tokenizer = load_tokenizer(str(src.adapter_dir))
         base_context = model.disable_adapter
     else:
-        model = AutoModelForCausalLM.from_pretrained(src.base_model, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(src.base_model, dtype=dtype)
         tokenizer = load_tokenizer(src.base_model)
         base_context = None
     if tokenizer.pad_token_id is None:
@@ -131,7 +130,6 @@ def load_run_model(run: str | Path) -> tuple[Model, Any]:
 
 def load_base_model(src: Any) -> Model:
     """A fully fine-tuned run's starting model, loaded on its own (LoRA runs switch the adapter off)."""
-    import torch
     from transformers import AutoModelForCausalLM
 
     from backpropagate.export.source import base_model_source
@@ -141,8 +139,18 @@ def load_base_model(src: Any) -> Model:
     tokenizer = load_tokenizer(base)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
-    return Model("base", model, tokenizer, torch.device("cpu"))
+    device, dtype = _device()
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype).to(device).eval()
+    return Model("base", model, tokenizer, device)
+
+
+def _device() -> tuple[Any, Any]:
+    """The first GPU in bf16 when there is one (fp16 on older cards), else the CPU in fp32."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return torch.device("cpu"), torch.float32
+    return torch.device("cuda", 0), torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
 # Loss ---------------------------------------------------------------------------------------------
