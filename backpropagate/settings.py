@@ -18,8 +18,17 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 class ServerSettings(BaseModel):
     """The web app and API server."""
 
-    host: str = Field("127.0.0.1", description="Interface the server binds to.")
-    port: int = Field(7860, ge=1, le=65535, description="Port the server listens on.")
+    host: str = Field(
+        "127.0.0.1",
+        description="Interface `backprop ui` and `backprop serve-api` bind when --host is not given.",
+    )
+    port: int = Field(
+        7860,
+        ge=1,
+        le=65535,
+        description="Port `backprop ui` uses when --port is not given; `backprop serve-api` too once this is set "
+        "(else 8000).",
+    )
     max_upload_mb: int = Field(200, ge=1, description="Largest data set upload accepted, in MB.")
     session_hours: float = Field(12.0, gt=0, description="How long a login session lasts.")
     max_request_kb: int = Field(

@@ -31,6 +31,7 @@ def test_queued_run_socket_sends_heartbeats_then_streams(tmp_path, monkeypatch):
     app = create_app(Settings(home=tmp_path / "home"), heartbeat_s=0.2, gpu_indices=[])
     data = "d.jsonl"  # inside the uploads folder, where relative data paths resolve
     with TestClient(app) as client:
+        (tmp_path / "home" / "datasets" / data).write_text('{"text": "hello"}\n')  # it must exist
         first = client.post("/api/runs", json={"data": data, "steps": 15}).json()
         second = client.post("/api/runs", json={"data": data, "steps": 2}).json()
         assert client.get(f"/api/runs/{second['id']}").json()["status"] == "queued"  # one CPU slot

@@ -18,7 +18,13 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     home = tmp_path_factory.mktemp("api") / "home"
-    srv = Server(home, BACKPROPAGATE_STANDIN_STEP_S="0.05", BACKPROPAGATE_SERVER__MAX_UPLOAD_MB="1").start()
+    # One pretend GPU, so that asking for more than the machine has can be refused (runs here use the CPU).
+    srv = Server(
+        home,
+        BACKPROPAGATE_STANDIN_STEP_S="0.05",
+        BACKPROPAGATE_SERVER__MAX_UPLOAD_MB="1",
+        BACKPROPAGATE_FAKE_GPUS="1",
+    ).start()
     data = home / "datasets" / "train.jsonl"
     data.write_text('{"text": "hello"}\n')
     srv.data = str(data)
@@ -75,6 +81,18 @@ def test_bad_bodies_are_refused_and_store_is_intact(server):
             403,
             "UI_OUTPUT_DIR_FORBIDDEN",
         )
+    # Refused at the door, not queued to fail later: an unknown upload, a missing file, too many GPUs.
+    body = _error(server.post("/api/runs", json={"data": "ds-0123456789ab"}), 404, "DATASET_NOT_FOUND")
+    assert "ds-0123456789ab" in body["message"]
+    missing = str(server.home / "datasets" / "gone.jsonl")
+    assert (
+        "gone.jsonl"
+        in _error(server.post("/api/runs", json={"data": missing}), 404, "DATASET_NOT_FOUND")["message"]
+    )
+    body = _error(
+        server.post("/api/runs", json={"data": server.data, "gpus": 4}), 422, "CONFIG_GPUS_UNAVAILABLE"
+    )
+    assert body["details"] == {"gpus_requested": 4, "gpus_available": 1}
     assert server.get("/api/runs").json() == before
     assert not [p for p in (server.home / "runs").iterdir() if p.name not in {r["id"] for r in before}]
     # ... and the server still works.
@@ -157,7 +175,7 @@ def test_openapi_system_and_no_torch_in_server(server):
     assert {"/api/runs", "/api/runs/{run_id}/metrics", "/api/datasets", "/api/system"} <= set(spec["paths"])
     assert server.get("/api/docs").status_code == 200
     system = server.get("/api/system").json()
-    assert system["packages"]["torch"] and system["server"]["gpu_indices"] == []
+    assert system["packages"]["torch"] and system["server"]["gpu_indices"] == [0]  # the pretend GPU
     maps = Path(f"/proc/{server.proc.pid}/maps").read_text()
     assert "libtorch" not in maps and "torch/_C" not in maps
 

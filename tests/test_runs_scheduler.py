@@ -33,6 +33,13 @@ async def _wait_all(service: RunService, ids: list[str], timeout: float = 60) ->
     raise AssertionError([(r.id, r.status) for r in runs])
 
 
+def _data(service: RunService) -> str:
+    """A data file where the service's path rules allow one (the stand-in engine never reads it)."""
+    path = service.settings.datasets_dir / "d.jsonl"
+    path.write_text('{"text": "hello"}\n')
+    return str(path)
+
+
 def _started(service: RunService, run_id: str):
     return next(e for e in read_events(service.run_dir(run_id) / "events.jsonl") if e.type == "run_started")
 
@@ -42,7 +49,7 @@ def test_gpu_runs_take_free_indices_in_fifo_order(tmp_path, standin):
         service = RunService(Settings(home=tmp_path / "home"), gpu_indices=[0, 1])
         await service.start()
         try:
-            data = str(tmp_path / "d.jsonl")
+            data = _data(service)
             two = await service.submit(RunConfig(data=data, steps=5, gpus=2))
             ones = [await service.submit(RunConfig(data=data, steps=20, gpus=1)) for _ in range(3)]
             assert (await service.get(ones[0].id)).status == "queued"  # behind the 2-GPU run
@@ -76,7 +83,7 @@ def test_cpu_runs_limited_by_max_concurrent_runs(tmp_path, standin):
         service = RunService(settings, gpu_indices=[])
         await service.start()
         try:
-            data = str(tmp_path / "d.jsonl")
+            data = _data(service)
             ids = [(await service.submit(RunConfig(data=data, steps=4))).id for _ in range(3)]
             await _wait_all(service, ids)
             return service, ids
@@ -105,4 +112,4 @@ def test_impossible_runs_refused_at_submission(tmp_path):
         return codes, service.store.list_runs()
 
     codes, runs = asyncio.run(main())
-    assert codes == ["CONFIG_INVALID_SETTING", "DEP_GPU_NOT_AVAILABLE"] and runs == []
+    assert codes == ["CONFIG_GPUS_UNAVAILABLE", "DEP_GPU_NOT_AVAILABLE"] and runs == []

@@ -1,6 +1,8 @@
-"""RunService: what the API and the CLI do with runs (submit, stop, resume, clone, delete).
+"""RunService: what the API, the web app and the CLI do with runs (submit, stop, resume, clone, delete).
 
-Holds the store, the event hub and the scheduler of one server process.
+Holds the store, the event hub and the scheduler of one server process. Its rules are checked
+here, once, so every door gets them: a config's paths (``runs/inputs.py``) and whether it could
+ever start on this machine, before anything is written or queued.
 """
 
 from __future__ import annotations
@@ -14,11 +16,17 @@ from typing import Any
 
 from backpropagate.config import RunConfig
 from backpropagate.errors import BackpropError, ErrorCode
+from backpropagate.events import ACTIVE_STATUSES, RESUMABLE_STATUSES
 from backpropagate.runs.hub import EventHub
 from backpropagate.runs.ids import create_run_dir
+from backpropagate.runs.inputs import check_data_still_there, check_run_inputs
 from backpropagate.runs.scheduler import Scheduler
 from backpropagate.runs.store import Run, Store, open_store
 from backpropagate.settings import Settings, get_settings
+
+# How long a delete waits for the worker of a run that has just ended to exit (it checkpoints
+# and flushes after its final event).
+DELETE_EXIT_WAIT_S = 30.0
 
 
 def _detect_gpus() -> list[int]:
@@ -68,10 +76,19 @@ class RunService:
     def run_dir(self, run_id: str) -> Path:
         return self.runs_dir / run_id
 
+    # Rules --------------------------------------------------------------------
+    async def check(self, config: RunConfig) -> RunConfig:
+        """The config as it will run: fits this machine (the scheduler's placement rules: 422
+        CONFIG_GPUS_UNAVAILABLE, 424 DEP_GPU_NOT_AVAILABLE), every path resolved inside the
+        allowed folders (403) and existing (404 DATASET_NOT_FOUND)."""
+        self.scheduler.check_fits(config.model_dump(mode="json"))
+        return await asyncio.to_thread(check_run_inputs, config, self.settings, self.store)
+
     # Commands -----------------------------------------------------------------
     async def submit(self, config: RunConfig) -> Run:
+        """Check ``config`` (fits, paths) and queue it; nothing is written when a check fails."""
+        config = await self.check(config)
         data = config.model_dump(mode="json")
-        self.scheduler.check_fits(data)
 
         def write() -> Run:
             run_dir = create_run_dir(self.runs_dir)
@@ -97,14 +114,37 @@ class RunService:
         return await self.scheduler.stop(run_id)
 
     async def resume(self, run_id: str) -> Run:
+        run = await self.get(run_id)
+        if run.status in RESUMABLE_STATUSES:  # otherwise the scheduler's STATE_RUN_NOT_RESUMABLE
+            await asyncio.to_thread(check_data_still_there, run.config)
         return await self.scheduler.resume(run_id)
 
-    async def delete(self, run_id: str) -> None:
+    async def delete(self, run_id: str, exit_wait_s: float = DELETE_EXIT_WAIT_S) -> None:
+        """Delete a run that has ended, with its folder; STATE_RUN_ACTIVE while it is active.
+
+        A run that has just ended (``cancelled`` right after a stop) may still have its worker
+        exiting for a few seconds: wait for the scheduler to see it gone (and reap it) rather
+        than refuse, so the folder is never removed under a live process.
+        """
         run = await self.get(run_id)
-        if self.scheduler.is_active(run):
+        if run.status in ACTIVE_STATUSES:
             raise BackpropError(
                 ErrorCode.STATE_RUN_ACTIVE, f"Run {run_id} is {run.status}; stop it before deleting it."
             )
+        deadline = time.monotonic() + exit_wait_s
+        while self.scheduler.is_active(run):
+            if time.monotonic() > deadline:
+                raise BackpropError(
+                    ErrorCode.STATE_RUN_ACTIVE,
+                    f"Run {run_id} is {run.status} but its worker (pid {run.pid}) has not exited yet.",
+                    hint="Try again in a moment; `backprop runs show ID` gives its status.",
+                )
+            await asyncio.sleep(0.05)
+            run = await self.get(run_id)
+            if run.status in ACTIVE_STATUSES:  # resumed meanwhile
+                raise BackpropError(
+                    ErrorCode.STATE_RUN_ACTIVE, f"Run {run_id} is {run.status}; stop it before deleting it."
+                )
         await asyncio.to_thread(self.store.delete_run, run_id)
         await asyncio.to_thread(shutil.rmtree, self.run_dir(run_id), True)
         self.hub.publish_deleted(run_id)

@@ -25,7 +25,7 @@ HANDLER_POLICIES: dict[str, str] = {
     "CompareState.setvar": _SETVAR,
     "CompareState.toggle": "run id, looked up by RunService; at most MAX_RUNS",
     "NewRunState.setvar": _SETVAR,
-    "NewRunState.set_value": "form value; the run config is checked by RunConfig and check_run_inputs",
+    "NewRunState.set_value": "form value; the run config is checked by RunConfig and RunService.submit (paths, fit)",
     "NewRunState.apply_preset": "preset name from the fixed preset table",
     "NewRunState.handle_upload": "upload: allowed types, size limit streamed, generated name (store_upload)",
     "NewRunState.pick_dataset": "uploaded data set id, looked up in the store",

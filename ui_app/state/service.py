@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from backpropagate.errors import BackpropError, ErrorCode
+from backpropagate.errors import BackpropError, ErrorCode, disk_full_error
 from backpropagate.events import read_events
 from backpropagate.settings import get_settings
 
@@ -82,15 +82,8 @@ async def create_run(config: dict[str, Any]) -> str:
     """Queue a run; the config is checked by RunConfig (CONFIG_INVALID lists every problem)."""
     from backpropagate.config import RunConfig
 
-    svc = run_service()
-    parsed = RunConfig.parse(config)
-    try:  # the same path checks the API applies before it queues a run
-        from backpropagate.server.routes.inputs import check_run_inputs
-    except ImportError:
-        pass
-    else:
-        parsed = await asyncio.to_thread(check_run_inputs, parsed, svc.settings, svc.store)
-    run = await svc.submit(parsed)
+    # RunService.submit applies the same path and fit checks as the API before it queues a run.
+    run = await run_service().submit(RunConfig.parse(config))
     return str(_as_dict(run)["id"])
 
 
@@ -188,7 +181,13 @@ async def save_upload(filename: str, data: bytes | BinaryIO, size: int | None = 
         while chunk := await asyncio.to_thread(data.read, 1 << 20):
             yield chunk
 
-    return _as_dict(await store_upload(svc.store, svc.settings, filename, chunks()))
+    try:
+        return _as_dict(await store_upload(svc.store, svc.settings, filename, chunks()))
+    except OSError as exc:  # a full disk is RUNTIME_DISK_FULL on the page, like at the API
+        full = disk_full_error(exc, svc.settings.datasets_dir)
+        if full is None:
+            raise
+        raise full from exc
 
 
 async def list_datasets() -> list[dict[str, Any]]:
@@ -213,7 +212,7 @@ def example_files() -> list[str]:
 
 def example_path(path: str) -> str:
     """A browser-sent example path, resolved inside the examples or uploads folder (else the error)."""
-    from backpropagate.server.routes.inputs import EXAMPLES_DIR
+    from backpropagate.runs.inputs import EXAMPLES_DIR
     from backpropagate.server.security.paths import safe_path
 
     return str(safe_path(path, EXAMPLES_DIR, run_service().settings.datasets_dir))
@@ -221,7 +220,7 @@ def example_path(path: str) -> str:
 
 def data_path(path: str) -> str:
     """A data path under the API's policy (resolve_data: uploads, examples, the allowed homes)."""
-    from backpropagate.server.routes.inputs import resolve_data
+    from backpropagate.runs.inputs import resolve_data
 
     svc = run_service()
     return resolve_data(path, svc.settings, svc.store)

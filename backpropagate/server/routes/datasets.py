@@ -16,10 +16,10 @@ from starlette.datastructures import UploadFile as StarletteUploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from backpropagate.data.preview import preview_rows
-from backpropagate.errors import BackpropError, ErrorCode
+from backpropagate.errors import BackpropError, ErrorCode, disk_full_error
+from backpropagate.runs.inputs import resolve_model
 from backpropagate.runs.uploads import store_upload, too_large, upload_limit, upload_suffix
 from backpropagate.server.routes.deps import ServiceDep, SettingsDep
-from backpropagate.server.routes.inputs import resolve_model
 
 router = APIRouter(tags=["datasets"])
 
@@ -81,11 +81,15 @@ async def upload_dataset(request: Request, service: ServiceDep, settings: Settin
     try:
         form = await parser.parse()
     except MultiPartException as exc:
-        raise BackpropError(ErrorCode.INPUT_REQUEST_INVALID, f"The upload is not valid multipart data: {exc}") from exc
+        raise BackpropError(
+            ErrorCode.INPUT_REQUEST_INVALID, f"The upload is not valid multipart data: {exc}"
+        ) from exc
     try:
         file = form.get("file")
         if not isinstance(file, StarletteUploadFile):
-            raise BackpropError(ErrorCode.INPUT_REQUEST_INVALID, "The upload needs a file field named 'file'.")
+            raise BackpropError(
+                ErrorCode.INPUT_REQUEST_INVALID, "The upload needs a file field named 'file'."
+            )
         original = Path(file.filename or "upload").name
         upload_suffix(original)
 
@@ -93,7 +97,13 @@ async def upload_dataset(request: Request, service: ServiceDep, settings: Settin
             while chunk := await file.read(CHUNK):
                 yield chunk
 
-        row = await store_upload(service.store, settings, original, chunks())
+        try:
+            row = await store_upload(service.store, settings, original, chunks())
+        except OSError as exc:  # nothing is kept (store_upload removes the partial file)
+            full = disk_full_error(exc, settings.datasets_dir)
+            if full is None:
+                raise
+            raise full from exc
     finally:
         await form.close()
     return DatasetPublic.model_validate(row.model_dump())

@@ -12,8 +12,7 @@ from pydantic import BaseModel
 from backpropagate.config import RunConfig
 from backpropagate.runs.metrics import downsample, read_metrics
 from backpropagate.runs.store import Run
-from backpropagate.server.routes.deps import ServiceDep, SettingsDep
-from backpropagate.server.routes.inputs import check_run_inputs
+from backpropagate.server.routes.deps import ServiceDep
 
 router = APIRouter(tags=["runs"])
 
@@ -74,10 +73,13 @@ class LogPublic(BaseModel):
 
 
 @router.post("/runs", status_code=201, response_model=RunPublic)
-async def create_run(config: RunConfig, service: ServiceDep, settings: SettingsDep) -> RunPublic:
-    """Queue a run. ``data`` may be a path (inside an allowed folder), an uploaded data set id or a hub id."""
-    checked = await asyncio.to_thread(check_run_inputs, config, settings, service.store)
-    return RunPublic.of(await service.submit(checked))
+async def create_run(config: RunConfig, service: ServiceDep) -> RunPublic:
+    """Queue a run. ``data`` may be a path (inside an allowed folder), an uploaded data set id or a hub id.
+
+    Refused at once: an unknown upload id or a missing path (404 DATASET_NOT_FOUND), a path outside
+    the allowed folders (403), more GPUs than the machine has (422 CONFIG_GPUS_UNAVAILABLE).
+    """
+    return RunPublic.of(await service.submit(config))
 
 
 @router.get("/runs", response_model=list[RunPublic])
@@ -108,14 +110,9 @@ async def resume_run(run_id: str, service: ServiceDep) -> RunPublic:
 async def clone_run(
     run_id: str,
     service: ServiceDep,
-    settings: SettingsDep,
     overrides: dict[str, Any] | None = Body(None, description="RunConfig fields to change in the copy."),
 ) -> RunPublic:
-    source = await service.get(run_id)
-    data = {**source.config, "name": f"{source.name or source.id} (copy)", **(overrides or {})}
-    config = RunConfig.parse(data)
-    checked = await asyncio.to_thread(check_run_inputs, config, settings, service.store)
-    return RunPublic.of(await service.submit(checked))
+    return RunPublic.of(await service.clone(run_id, overrides))
 
 
 @router.delete("/runs/{run_id}", status_code=204)
