@@ -19,7 +19,7 @@ from backpropagate.errors import BackpropError, ErrorCode
 Method = Literal["lora", "qlora", "full"]
 Preset = Literal["fast", "balanced", "quality"]
 Tracker = Literal["tensorboard"]
-DataFormat = Literal["auto", "sharegpt", "openai", "alpaca", "text", "preference"]
+DataFormat = Literal["auto", "sharegpt", "openai", "alpaca", "text", "preference", "kto"]
 
 # Values a preset fills in for every field the user did not set explicitly.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -91,8 +91,8 @@ class RunConfig(BaseModel):
         "sft",
         description=(
             "Training objective. `sft` learns the responses (preference rows train on `chosen`); "
-            "`dpo`, `orpo`, `simpo` need {prompt, chosen, rejected} pairs; `kto` needs "
-            "{prompt, completion, label} rows."
+            "`dpo`, `orpo`, `simpo` need {prompt, chosen, rejected} pairs; `kto` takes "
+            "{prompt, completion, label} rows or pairs (see docs/preference.md)."
         ),
     )
     beta: float = Field(

@@ -7,6 +7,7 @@ the committed pages drift from what this module renders.
 
 from __future__ import annotations
 
+import inspect
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -108,7 +109,7 @@ def render_events() -> str:
     base = set(events.EventBase.model_fields)
     for cls in events.EVENT_TYPES:
         name = cls.model_fields["type"].default
-        lines += [f"## `{name}`", "", (cls.__doc__ or "").strip() or f"The `{name}` event.", ""]
+        lines += [f"## `{name}`", "", inspect.cleandoc(cls.__doc__ or "") or f"The `{name}` event.", ""]
         lines += ["| field | type | required |", "| --- | --- | --- |"]
         for field, info in cls.model_fields.items():
             if field in base or field == "type":

@@ -21,7 +21,6 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 SCHEMA_VERSION = 1
 
 
-
 class RunStatus(StrEnum):
     """The one status vocabulary of a run: the store, the API, the CLI and the web app use it."""
 
@@ -71,7 +70,12 @@ class Status(EventBase):
 
 
 class Step(EventBase):
-    """One optimizer step."""
+    """One optimizer step. `loss` is the objective's loss. Preference objectives (dpo, orpo, simpo,
+    kto) add the mean implicit rewards of the step's rows: `chosen_reward`, `rejected_reward`,
+    `reward_margin` (chosen minus rejected) and `reward_accuracy` (share of pairs whose chosen
+    reward is the higher; pairs only). A reward is beta x (policy - reference) log-prob for DPO and
+    KTO, beta x the mean token log-prob for SimPO, lambda x that for ORPO. KTO adds `kl`, its
+    reference point (the batch's mean log-ratio, at least 0)."""
 
     type: Literal["step"] = "step"
     step: int
@@ -83,6 +87,12 @@ class Step(EventBase):
     tokens_per_s: float | None = None
     micro_batch: int | None = None
     grad_accum: int | None = None
+    # Preference objectives (docs/events.md): mean implicit rewards of the step's rows.
+    reward_margin: float | None = None
+    reward_accuracy: float | None = None
+    chosen_reward: float | None = None
+    rejected_reward: float | None = None
+    kl: float | None = None  # KTO's reference point
 
 
 class GpuDevice(BaseModel):
@@ -107,10 +117,18 @@ class Gpu(EventBase):
 
 
 class Eval(EventBase):
+    """Held-out evaluation. SFT reports loss and perplexity; preference objectives report their
+    loss and the same reward fields as `step` (no perplexity: their loss is not a likelihood)."""
+
     type: Literal["eval"] = "eval"
     step: int
     loss: float
-    perplexity: float
+    perplexity: float | None = None  # None for preference objectives: their loss is no likelihood
+    reward_margin: float | None = None
+    reward_accuracy: float | None = None
+    chosen_reward: float | None = None
+    rejected_reward: float | None = None
+    kl: float | None = None
 
 
 class Checkpoint(EventBase):

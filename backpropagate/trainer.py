@@ -6,15 +6,19 @@
     result = trainer.train("examples/quickstart.jsonl", steps=20)
     print(result.final_loss, result.adapter_path)
 
+    pairs = [{"prompt": "Hi?", "chosen": "Hello!", "rejected": "Go away."}]
+    Trainer("demo", objective="dpo", beta=0.1).train(pairs, steps=5)
+
 Each ``train()`` is a run under ``BACKPROPAGATE_HOME/runs/<run_id>/`` with the same files a run
 started from the web app has (config.json, events.jsonl, checkpoints/, adapter/).
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -64,16 +68,23 @@ class Trainer:
 
     def train(
         self,
-        data: str | Path,
+        data: str | Path | Sequence[Mapping[str, Any]],
         steps: int | None = None,
         epochs: float | None = None,
         callbacks: Iterable[Callback] | None = None,
     ) -> TrainResult:
-        """Train on ``data`` (file, folder or hub id); ``callbacks`` receive every event as it happens."""
+        """Train on ``data``: a file, folder or hub id, or rows as dicts (kept as the run's
+        ``data.jsonl``, so the run can resume); ``callbacks`` receive every event as it happens."""
         from backpropagate.runs.foreground import train_in_process
 
-        config = self.make_config(data, steps, epochs)
         run_dir = create_run_dir(get_settings().runs_dir)
+        try:
+            if not isinstance(data, (str, Path)):
+                data = _write_rows(run_dir / "data.jsonl", data)
+            config = self.make_config(data, steps, epochs)
+        except BaseException:
+            shutil.rmtree(run_dir, ignore_errors=True)  # nothing was started: leave no empty run
+            raise
         run_id = run_dir.name
         config.save(run_dir / "config.json")
         log = self._log.bind(run_id=run_id)
@@ -161,6 +172,17 @@ class Trainer:
         loaded.model.save_pretrained(out)
         loaded.tokenizer.save_pretrained(out)
         return out
+
+
+def _write_rows(path: Path, rows: Sequence[Mapping[str, Any]]) -> Path:
+    if isinstance(rows, Mapping) or not all(isinstance(r, Mapping) for r in rows):
+        raise BackpropError(
+            ErrorCode.CONFIG_INVALID,
+            "Trainer.train(data): data must be a path or a list of rows (dicts such as "
+            '{"prompt": ..., "chosen": ..., "rejected": ...})',
+        )
+    path.write_text("".join(json.dumps(dict(r), ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
 
 
 def _load_trained(config: RunConfig, adapter_path: Path) -> tuple[Any, Any]:

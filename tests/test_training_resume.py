@@ -90,7 +90,8 @@ def assert_same_run(result, reference) -> None:
         assert torch.allclose(mine[key], theirs[key], rtol=1e-4, atol=1e-6), key
 
 
-def test_sigkill_then_resume_reproduces_the_uninterrupted_run(config, reference, tmp_path):
+def kill_at_checkpoint_then_resume(config: RunConfig, tmp_path: Path):
+    """Train in a child process, SIGKILL it right after a random checkpoint, resume in-process."""
     run_dir = tmp_path / "killed"
     run_dir.mkdir()
     config.save(tmp_path / "config.json")
@@ -120,7 +121,28 @@ def test_sigkill_then_resume_reproduces_the_uninterrupted_run(config, reference,
     assert started.resumed_from_step is not None and started.resumed_from_step >= kill_after
     assert result.status == "completed" and result.resumed_from_step == started.resumed_from_step
     assert not list((run_dir / "checkpoints").glob("*.partial"))
+    return result
+
+
+def test_sigkill_then_resume_reproduces_the_uninterrupted_run(config, reference, tmp_path):
+    result = kill_at_checkpoint_then_resume(config, tmp_path)
     assert_same_run(result, reference)
+
+
+def test_dpo_sigkill_then_resume_reproduces_the_uninterrupted_run(config, tmp_path_factory, tmp_path):
+    """The same for DPO: the reference log-probs (adapter off) and reward curve continue exactly."""
+    folder = tmp_path_factory.mktemp("pairs")
+    pairs = [
+        {"prompt": f"What is {i} plus {i}?", "chosen": f"It is {2 * i}.", "rejected": f"It is {2 * i + 1}."}
+        for i in range(12)
+    ]
+    (folder / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pairs))
+    dpo = config.model_copy(update={"data": str(folder / "pairs.jsonl"), "objective": "dpo"})
+    reference = run_training(dpo, tmp_path_factory.mktemp("dpo-reference") / "run", lambda e: None)
+    result = kill_at_checkpoint_then_resume(dpo, tmp_path)
+    assert_same_run(result, reference)
+    margins = [h["reward_margin"] for h in result.history]
+    assert margins == pytest.approx([h["reward_margin"] for h in reference.history], rel=1e-4, abs=1e-6)
 
 
 def test_corrupted_checkpoint_falls_back_to_the_previous_one(config, reference, tmp_path):

@@ -32,7 +32,12 @@ def _print_report(report) -> None:  # noqa: ANN001 - ValidationReport, imported 
         s = report.token_stats
         table.add_row("model", str(report.model))
         table.add_row("tokens", f"{report.total_tokens} total")
-        table.add_row("length", f"min {s.min}  mean {s.mean}  p50 {s.p50}  p95 {s.p95}  max {s.max}")
+        label = "length (chosen)" if report.rejected_token_stats else "length"
+        table.add_row(label, f"min {s.min}  mean {s.mean}  p50 {s.p50}  p95 {s.p95}  max {s.max}")
+        if r := report.rejected_token_stats:
+            table.add_row(
+                "length (rejected)", f"min {r.min}  mean {r.mean}  p50 {r.p50}  p95 {r.p95}  max {r.max}"
+            )
         table.add_row("over max", f"{report.over_max_len} rows longer than {report.max_seq_len} (truncated)")
     if report.skipped:
         table.add_row("skipped", f"{len(report.skipped)} bad rows")
@@ -63,7 +68,7 @@ def register(app: typer.Typer) -> None:
         model: str = typer.Option("demo", help="Model whose tokenizer counts tokens; `none` to skip."),
         max_seq_len: int = typer.Option(1024, "--max-seq-len", min=16, help="Longest sequence in tokens."),
         data_format: str = typer.Option(
-            "auto", "--format", help="auto, sharegpt, openai, alpaca, text or preference."
+            "auto", "--format", help="auto, sharegpt, openai, alpaca, text, preference or kto."
         ),
         skip_bad_rows: bool = typer.Option(False, "--skip-bad-rows", help="Skip and count bad rows."),
         preview: int = typer.Option(5, help="Rows to include in the preview (JSON output)."),

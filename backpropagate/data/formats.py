@@ -1,9 +1,10 @@
 """Detect a data file's format and normalize its rows to one internal shape.
 
 Formats: ShareGPT (``conversations`` of from/value), OpenAI chat (``messages`` of role/content),
-Alpaca (instruction/input/output), raw text (``text``) and preference pairs
-(prompt/chosen/rejected). Every row becomes an :class:`Example`: a conversation (list of
-``{role, content}``), a text, or a preference pair. A row that does not fit raises
+Alpaca (instruction/input/output), raw text (``text``), preference pairs
+(prompt/chosen/rejected) and KTO rows (prompt/completion/label). Every row becomes an
+:class:`Example`: a conversation (list of ``{role, content}``), a text, a preference pair or a
+rated completion. A row that does not fit raises
 :class:`RowError` with a message a user can act on; the loader adds file and line.
 """
 
@@ -13,8 +14,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-Format = Literal["sharegpt", "openai", "alpaca", "text", "preference"]
-FORMATS: tuple[Format, ...] = ("sharegpt", "openai", "alpaca", "text", "preference")
+Format = Literal["sharegpt", "openai", "alpaca", "text", "preference", "kto"]
+FORMATS: tuple[Format, ...] = ("sharegpt", "openai", "alpaca", "text", "preference", "kto")
 
 # The key that identifies each format, checked in this order (a preference row may also carry
 # `text`; an Alpaca row may carry `text` too, as some exports do).
@@ -22,6 +23,8 @@ _SIGNATURES: tuple[tuple[Format, tuple[str, ...]], ...] = (
     ("sharegpt", ("conversations",)),
     ("openai", ("messages",)),
     ("preference", ("chosen", "rejected")),
+    # `label` rather than `completion`: prompt/completion without a label is plain SFT data.
+    ("kto", ("label",)),
     ("alpaca", ("instruction",)),
     ("text", ("text",)),
 )
@@ -44,18 +47,22 @@ class RowError(ValueError):
 class Example:
     """One normalized row, with where it came from."""
 
-    kind: Literal["chat", "text", "preference"]
+    kind: Literal["chat", "text", "preference", "kto"]
     source: str
     line: int
     messages: list[dict[str, str]] = field(default_factory=list)
     text: str = ""
     chosen: str = ""
     rejected: str = ""
+    completion: str = ""
+    desirable: bool = True
 
     def sft_messages(self) -> list[dict[str, str]]:
         """The conversation SFT trains on; a preference pair trains on prompt + chosen."""
         if self.kind == "preference":
             return [*self.messages, {"role": "assistant", "content": self.chosen}]
+        if self.kind == "kto":  # only for token counts: SFT refuses KTO rows (see check_objective_fits)
+            return [*self.messages, {"role": "assistant", "content": self.completion}]
         return self.messages
 
     def to_preview(self) -> dict[str, Any]:
@@ -66,6 +73,8 @@ class Example:
             out["messages"] = self.messages
         if self.kind == "preference":
             out["chosen"], out["rejected"] = self.chosen, self.rejected
+        if self.kind == "kto":
+            out["completion"], out["label"] = self.completion, self.desirable
         return out
 
 
@@ -90,6 +99,9 @@ def normalize(record: dict[str, Any], fmt: Format, source: str, line: int) -> Ex
         return Example("chat", source, line, messages=_alpaca(record))
     if fmt == "text":
         return Example("text", source, line, text=_nonempty_str(record, "text"))
+    if fmt == "kto":
+        prompt, completion, desirable = _kto(record)
+        return Example("kto", source, line, messages=prompt, completion=completion, desirable=desirable)
     prompt, chosen, rejected = _preference(record)
     return Example("preference", source, line, messages=prompt, chosen=chosen, rejected=rejected)
 
@@ -210,6 +222,29 @@ def _preference(record: dict[str, Any]) -> tuple[list[dict[str, str]], str, str]
     for key in ("prompt", "chosen", "rejected"):
         if key not in record or record[key] is None:
             raise RowError(f"missing field {key!r}")
+    messages = _prompt(record)
+    return messages, _side(record["chosen"], "chosen"), _side(record["rejected"], "rejected")
+
+
+_LABELS = {"true": True, "false": False, "1": True, "0": False, "yes": True, "no": False}
+
+
+def _kto(record: dict[str, Any]) -> tuple[list[dict[str, str]], str, bool]:
+    for key in ("prompt", "completion", "label"):
+        if key not in record or record[key] is None:
+            raise RowError(f"missing field {key!r}")
+    label = record["label"]
+    if isinstance(label, str) and label.strip().lower() in _LABELS:
+        label = _LABELS[label.strip().lower()]
+    if isinstance(label, int) and label in (0, 1):  # bool is an int too
+        label = bool(label)
+    if not isinstance(label, bool):
+        raise RowError(f"field 'label' must be true or false (desirable or not), got {record['label']!r}")
+    return _prompt(record), _side(record["completion"], "completion"), label
+
+
+def _prompt(record: dict[str, Any]) -> list[dict[str, str]]:
+    """A preference or KTO prompt: a string, or a conversation ending with the user's turn."""
     prompt = record["prompt"]
     if isinstance(prompt, list):
         messages = []
@@ -227,8 +262,7 @@ def _preference(record: dict[str, Any]) -> tuple[list[dict[str, str]], str, str]
             raise RowError("prompt must end with a user message")
     else:
         messages = [{"role": "user", "content": _nonempty_str(record, "prompt")}]
-    messages = _with_system(record, messages)
-    return messages, _side(record["chosen"], "chosen"), _side(record["rejected"], "rejected")
+    return _with_system(record, messages)
 
 
 def describe_keys(records: Iterable[dict[str, Any]], limit: int = 12) -> str:

@@ -7,7 +7,9 @@ cover the response only. Truncation keeps the prompt (cut from the left only whe
 longer than half of ``max_seq_len``) and cuts the response at its end.
 
 With ``objective=sft`` a pair trains on prompt + chosen (see ``Example.sft_messages``): that is the
-deliberate choice, so one preference file serves both SFT and preference tuning.
+deliberate choice, so one preference file serves both SFT and preference tuning. KTO also takes
+pairs, as two unpaired rows (chosen desirable, rejected undesirable). SFT refuses KTO rows: half of
+them are answers the user marked as unwanted.
 """
 
 from __future__ import annotations
@@ -78,11 +80,26 @@ def tokenize_kto(row: Mapping[str, Any], tokenizer: Any, max_seq_len: int) -> di
     return out
 
 
+ACCEPTS = {
+    "sft": frozenset({"sharegpt", "openai", "alpaca", "text", "preference"}),
+    "dpo": frozenset({"preference"}),
+    "orpo": frozenset({"preference"}),
+    "simpo": frozenset({"preference"}),
+    "kto": frozenset({"kto", "preference"}),
+}
+
+
 def check_objective_fits(objective: str, formats: Mapping[str, str]) -> None:
     """Fail before a model loads when the data set's files do not fit the objective."""
-    if objective == "sft":
-        return
-    wrong = {f: fmt for f, fmt in formats.items() if objective not in PAIR_OBJECTIVES or fmt != "preference"}
+    wrong = {f: fmt for f, fmt in formats.items() if fmt not in ACCEPTS[objective]}
+    if wrong and objective == "sft":
+        listed = ", ".join(sorted(wrong))
+        raise BackpropError(
+            ErrorCode.DATASET_FORMAT_UNSUPPORTED,
+            f"objective=sft cannot train on KTO rows {{prompt, completion, label}} ({listed}): "
+            "the undesirable completions would be learned as answers",
+            hint="Train with objective=kto, or keep only the desirable rows as a chat data set.",
+        )
     if wrong:
         listed = ", ".join(f"{f} ({fmt})" for f, fmt in sorted(wrong.items()))
         raise BackpropError(
@@ -90,3 +107,51 @@ def check_objective_fits(objective: str, formats: Mapping[str, str]) -> None:
             f"objective={objective} needs {NEEDS[objective]}; these files are not: {listed}",
             hint=f"Use a data set of {NEEDS[objective]}, or train with objective=sft.",
         )
+
+
+def tokenize_for_objective(
+    example: Any, objective: str, tokenizer: Any, max_seq_len: int
+) -> list[tuple[dict[str, Any], bool]]:
+    """Rows of one Example for a preference objective, each with whether it was truncated.
+
+    A pair gives one pair row (DPO, ORPO, SimPO) or two KTO rows; a KTO row gives one KTO row.
+    """
+    prompt = prompt_ids(example.messages, tokenizer)
+
+    def cut(response: str) -> tuple[dict[str, list[int]], bool]:
+        ids = response_ids(response, tokenizer)
+        return join(prompt, ids, max_seq_len), len(prompt) + len(ids) > max_seq_len
+
+    if objective in PAIR_OBJECTIVES:
+        chosen, cut_c = cut(example.chosen)
+        rejected, cut_r = cut(example.rejected)
+        row = {
+            "chosen_input_ids": chosen["input_ids"],
+            "chosen_labels": chosen["labels"],
+            "rejected_input_ids": rejected["input_ids"],
+            "rejected_labels": rejected["labels"],
+        }
+        return [(row, cut_c or cut_r)]
+    sides = (
+        [(example.chosen, True), (example.rejected, False)]
+        if example.kind == "preference"
+        else [(example.completion, example.desirable)]
+    )
+    out = []
+    for response, desirable in sides:
+        row, was_cut = cut(response)
+        out.append(({**row, "desirable": desirable}, was_cut))
+    return out
+
+
+def response_tokens(row: Mapping[str, Any]) -> int:
+    """Response tokens of a preference row (the fewest of its sides): 0 means nothing to compare."""
+    keys = ("chosen_labels", "rejected_labels") if "chosen_labels" in row else ("labels",)
+    return min(sum(1 for t in row[k] if t != IGNORE) for k in keys)
+
+
+def row_tokens(row: Mapping[str, Any]) -> int:
+    """All tokens a training row puts through the model (both sides of a pair)."""
+    if "chosen_input_ids" in row:
+        return len(row["chosen_input_ids"]) + len(row["rejected_input_ids"])
+    return len(row["input_ids"])

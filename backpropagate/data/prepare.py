@@ -19,6 +19,7 @@ from pydantic import BaseModel
 from backpropagate.data.formats import Example
 from backpropagate.data.loading import RowIssue, load_examples
 from backpropagate.data.packing import pack, packing_efficiency
+from backpropagate.data.preference import IGNORE, row_tokens
 from backpropagate.data.readers import is_saved_dataset, list_files, resolve_data_path
 from backpropagate.data.tokenize import tokenize_example
 from backpropagate.errors import BackpropError, ErrorCode
@@ -71,6 +72,8 @@ def split_examples(
 
 
 def _tokenize_all(examples: list[Example], tokenizer: Any, config: Any, stats: DataStats) -> list[dict]:
+    if config.objective != "sft":
+        return _tokenize_preference(examples, tokenizer, config, stats)
     rows = []
     for ex in examples:
         tok = tokenize_example(ex, tokenizer, max_seq_len=config.max_seq_len, train_on=config.train_on)
@@ -80,6 +83,22 @@ def _tokenize_all(examples: list[Example], tokenizer: Any, config: Any, stats: D
             stats.dropped_no_labels += 1
             continue
         rows.append(tok.as_dict())
+    return rows
+
+
+def _tokenize_preference(
+    examples: list[Example], tokenizer: Any, config: Any, stats: DataStats
+) -> list[dict]:
+    from backpropagate.data.preference import response_tokens, tokenize_for_objective
+
+    rows = []
+    for ex in examples:
+        for row, truncated in tokenize_for_objective(ex, config.objective, tokenizer, config.max_seq_len):
+            stats.truncated += truncated
+            if response_tokens(row) == 0:
+                stats.dropped_no_labels += 1
+                continue
+            rows.append(row)
     return rows
 
 
@@ -111,9 +130,10 @@ def prepare_datasets(config: Any, tokenizer: Any) -> PreparedData:
             hint="Raise --max-seq-len or shorten the prompts.",
         )
     stats.train_examples, stats.eval_examples = len(train), len(evals)
-    stats.train_tokens = sum(len(r["input_ids"]) for r in train)
-    stats.trained_tokens = sum(sum(1 for x in r["labels"] if x != -100) for r in train)
-    if config.packing:
+    stats.train_tokens = sum(row_tokens(r) for r in train)
+    stats.trained_tokens = sum(label_count(r) for r in train)
+    # Preference objectives compare whole sequences, one per row: they are never packed.
+    if config.packing and config.objective == "sft":
         train = pack(train, config.max_seq_len)
         evals = pack(evals, config.max_seq_len)
         stats.packing_efficiency = round(packing_efficiency(train, config.max_seq_len), 4)
@@ -121,6 +141,12 @@ def prepare_datasets(config: Any, tokenizer: Any) -> PreparedData:
         random.Random(config.seed + 2).shuffle(train)
     stats.train_sequences, stats.eval_sequences = len(train), len(evals)
     return PreparedData(train, evals, stats, skipped)
+
+
+def label_count(row: dict[str, Any]) -> int:
+    """Tokens of a row that carry loss (both sides of a pair)."""
+    keys = [k for k in ("labels", "chosen_labels", "rejected_labels") if k in row]
+    return sum(sum(1 for x in row[k] if x != IGNORE) for k in keys)
 
 
 def dataset_fingerprint(paths: str | Path | Iterable[str | Path]) -> str:

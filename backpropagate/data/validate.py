@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,8 @@ class ValidationReport(BaseModel):
     formats: dict[str, str]
     kinds: dict[str, int]
     token_stats: TokenStats | None = None
+    # Preference pairs: the lengths of prompt + rejected (token_stats measures prompt + chosen).
+    rejected_token_stats: TokenStats | None = None
     histogram: list[HistogramBin] = []
     over_max_len: int = 0
     total_tokens: int = 0
@@ -114,6 +117,17 @@ def histogram(lengths: list[int], bins: int = 10) -> list[HistogramBin]:
     ]
 
 
+def _stats(lengths: list[int]) -> TokenStats:
+    ordered = sorted(lengths)
+    return TokenStats(
+        min=ordered[0],
+        mean=round(sum(ordered) / len(ordered), 2),
+        p50=_percentile(ordered, 0.5),
+        p95=_percentile(ordered, 0.95),
+        max=ordered[-1],
+    )
+
+
 def _key(ex: Example) -> str:
     return json.dumps([ex.kind, ex.messages, ex.text, ex.chosen, ex.rejected], sort_keys=True)
 
@@ -170,6 +184,7 @@ def validate_dataset(
     if tokenizer is None and model is not None and examples:
         tokenizer = load_tokenizer_for(model)
     lengths: list[int] = []
+    rejected_lengths: list[int] = []
     if tokenizer is not None:
         for ex in examples:
             try:
@@ -180,16 +195,14 @@ def validate_dataset(
                 )
                 continue
             lengths.append(tok.length)
+            if ex.kind == "preference":
+                other = replace(ex, chosen=ex.rejected)
+                rejected_lengths.append(tokenize_example(other, tokenizer, max_seq_len=max_seq_len).length)
         report.ok = report.ok and not report.errors
+    if rejected_lengths:
+        report.rejected_token_stats = _stats(rejected_lengths)
     if lengths:
-        ordered = sorted(lengths)
-        report.token_stats = TokenStats(
-            min=ordered[0],
-            mean=round(sum(ordered) / len(ordered), 2),
-            p50=_percentile(ordered, 0.5),
-            p95=_percentile(ordered, 0.95),
-            max=ordered[-1],
-        )
+        report.token_stats = _stats(lengths)
         report.histogram = histogram(lengths)
         report.over_max_len = sum(n > max_seq_len for n in lengths)
         report.total_tokens = sum(lengths)

@@ -7,7 +7,7 @@ from typing import Any
 
 from backpropagate.events import read_events
 
-STEP_FIELDS = ("loss", "lr", "grad_norm", "tokens_per_s", "epoch")
+STEP_FIELDS = ("loss", "lr", "grad_norm", "tokens_per_s", "epoch", "reward_margin", "reward_accuracy")
 
 
 def read_metrics(events_path: Path) -> dict[str, list[dict[str, Any]]]:
@@ -26,6 +26,7 @@ def read_metrics(events_path: Path) -> dict[str, list[dict[str, Any]]]:
                 "ts": event.ts,
                 "loss": event.loss,  # type: ignore[attr-defined]
                 "perplexity": event.perplexity,  # type: ignore[attr-defined]
+                "reward_accuracy": event.reward_accuracy,  # type: ignore[attr-defined]
             }
     return {"steps": [steps[k] for k in sorted(steps)], "eval": [evals[k] for k in sorted(evals)]}
 

@@ -8,7 +8,8 @@ from typing import Any
 
 from backpropagate.events import EventBase
 
-STEP_SCALARS = ("loss", "lr", "grad_norm", "tokens_per_s")
+STEP_SCALARS = ("loss", "lr", "grad_norm", "tokens_per_s", "reward_margin", "reward_accuracy", "kl")
+EVAL_SCALARS = ("loss", "perplexity", "reward_margin", "reward_accuracy")
 
 
 class TensorBoardSink:
@@ -38,8 +39,10 @@ class TensorBoardSink:
                 if value is not None:
                     writer.add_scalar(f"train/{name}", value, event.step)  # type: ignore[attr-defined]
         elif kind == "eval":
-            writer.add_scalar("eval/loss", event.loss, event.step)  # type: ignore[attr-defined]
-            writer.add_scalar("eval/perplexity", event.perplexity, event.step)  # type: ignore[attr-defined]
+            for name in EVAL_SCALARS:
+                value = getattr(event, name, None)
+                if value is not None:
+                    writer.add_scalar(f"eval/{name}", value, event.step)  # type: ignore[attr-defined]
         elif kind == "gpu":
             for device in event.devices:  # type: ignore[attr-defined]
                 for name in ("temperature_c", "memory_used_mb", "utilization_pct", "power_w"):

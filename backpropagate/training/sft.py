@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from backpropagate.config import RunConfig
+from backpropagate.data.preference import row_tokens
 from backpropagate.errors import BackpropError, ErrorCode
 from backpropagate.events import (
     Cancelled,
@@ -53,6 +54,7 @@ from backpropagate.training.data_order import DataOrder, DataPosition, label_tok
 from backpropagate.training.evaluation import evaluate, to_device
 from backpropagate.training.faults import FaultInjector
 from backpropagate.training.optim import build_optimizer, build_scheduler, choose_micro_batch, total_steps
+from backpropagate.training.preference_step import MetricMean, PreferenceLoss, evaluate_preference
 from backpropagate.training.result import TrainResult
 
 Emit = Callable[[EventBase], None]
@@ -125,6 +127,7 @@ class Run:
     total_steps: int
     faults: FaultInjector
     resumed_from_step: int | None = None
+    preference: PreferenceLoss | None = None  # the loss of a chunk, for every objective but SFT
 
     @property
     def mask_dtype(self) -> Any:
@@ -185,6 +188,9 @@ def setup(config: RunConfig, run_dir: Path, emit: Emit, control: RunControl) -> 
     _check_objective(config, data.stats.formats)
 
     micro_batch, checkpointing = choose_micro_batch(config, model_path, device, log)
+    if config.objective != "sft":
+        # Unsloth's fast forward skips the logits in training unless asked; the preference losses need them.
+        os.environ.setdefault("UNSLOTH_RETURN_LOGITS", "1")
     set_seed(config.seed)
     loaded = load_model(config, emit, tokenizer=tokenizer, gradient_checkpointing=checkpointing, log=log)
     trainable, total = count_parameters(loaded.model)
@@ -225,6 +231,8 @@ def setup(config: RunConfig, run_dir: Path, emit: Emit, control: RunControl) -> 
         total_steps=steps,
         faults=FaultInjector(),
     )
+    if config.objective != "sft":
+        run.preference = PreferenceLoss(config, run.collate, loaded.device, run.mask_dtype, loaded.autocast)
     _restore(run, log)
     emit(
         RunStarted(
@@ -244,18 +252,14 @@ def _check_objective(config: RunConfig, formats: dict[str, str]) -> None:
     from backpropagate.data.preference import check_objective_fits
 
     check_objective_fits(config.objective, formats)
-    if config.objective == "sft":
-        return
+    # The reference of DPO and KTO is the base model with the adapter switched off: full
+    # fine-tuning has no adapter to switch off, and a second full copy is what LoRA avoids.
     if config.objective in ("dpo", "kto") and config.method == "full":
         raise BackpropError(
             ErrorCode.CONFIG_INVALID_SETTING,
             f"{config.objective.upper()} on full fine-tuning needs a reference model; use method=lora",
+            hint="Use method=lora or qlora, or a reference-free objective (orpo, simpo).",
         )
-    raise BackpropError(
-        ErrorCode.CONFIG_INVALID_SETTING,
-        f"objective={config.objective}: the training loop does not run preference objectives yet",
-        hint="Train with objective=sft for now (preference pairs then train on `chosen`).",
-    )
 
 
 def _restore(run: Run, log: Any) -> None:
@@ -295,10 +299,10 @@ def fit(run: Run) -> TrainResult:
         indices, next_position = run.order.take(state.position, _step_size(run, step))
         examples = [run.train[i] for i in indices]
         began = time.perf_counter()
-        loss, grad_norm, lr = _optimizer_step(run, step, examples)
+        loss, grad_norm, lr, metrics = _optimizer_step(run, step, examples)
         elapsed = time.perf_counter() - began
 
-        tokens = sum(len(ex["input_ids"]) for ex in examples)
+        tokens = sum(row_tokens(ex) for ex in examples)
         state.step, state.position = step, next_position
         state.tokens_seen += tokens
         record = {
@@ -310,6 +314,7 @@ def fit(run: Run) -> TrainResult:
             "tokens_per_s": tokens / elapsed if elapsed > 0 else None,
             "micro_batch": state.micro_batch,
             "grad_accum": state.grad_accum,
+            **metrics,
         }
         state.history.append(record)
         if step % config.log_every == 0 or step == run.total_steps:
@@ -356,7 +361,10 @@ def _step_size(run: Run, step: int) -> int:
     return max(1, min(eff, budget - (step - 1) * eff))
 
 
-def _optimizer_step(run: Run, step: int, examples: list[dict[str, Any]]) -> tuple[float, float, float]:
+StepOutcome = tuple[float, float, float, dict[str, float]]  # loss, grad norm, lr, objective metrics
+
+
+def _optimizer_step(run: Run, step: int, examples: list[dict[str, Any]]) -> StepOutcome:
     """One optimizer step over ``examples``; on OOM, shrink the micro-batch and redo it from its start."""
     import torch
 
@@ -409,20 +417,27 @@ def _optimizer_step(run: Run, step: int, examples: list[dict[str, Any]]) -> tupl
                 torch.cuda.set_rng_state_all(cuda_rng)
 
 
-def _accumulate_and_step(run: Run, step: int, examples: list[dict[str, Any]]) -> tuple[float, float, float]:
+def _accumulate_and_step(run: Run, step: int, examples: list[dict[str, Any]]) -> StepOutcome:
     import torch
 
     model, optimizer, scaler = run.loaded.model, run.optimizer, run.scaler
     device = run.loaded.device
-    # Every micro-batch's loss is a sum divided by the step's token count: their sum is the step's mean.
-    n_tokens = max(1, sum(label_tokens(ex) for ex in examples))
-    n_items = torch.tensor(n_tokens, device=device)
+    if run.preference is None:
+        # Every micro-batch's loss is a sum divided by the step's token count: their sum is the step's mean.
+        n_items = torch.tensor(max(1, sum(label_tokens(ex) for ex in examples)), device=device)
     step_loss = torch.zeros((), device=device)
+    metrics = MetricMean()
     for i, chunk in enumerate(split_micro_batches(examples, run.state.micro_batch)):
-        batch = to_device(run.collate(chunk), device, run.mask_dtype)
-        with run.loaded.autocast():
-            # No KV cache in training: it costs memory and hides packed-example boundaries.
-            loss = model(**batch, num_items_in_batch=n_items, use_cache=False).loss
+        if run.preference is not None:
+            # A preference loss is a mean over rows: weighted by its share, the chunks sum to the step's mean.
+            out = run.preference(model, chunk)
+            loss = out.loss * (len(chunk) / len(examples))
+            metrics.add(out.metrics, len(chunk))
+        else:
+            batch = to_device(run.collate(chunk), device, run.mask_dtype)
+            with run.loaded.autocast():
+                # No KV cache in training: it costs memory and hides packed-example boundaries.
+                loss = model(**batch, num_items_in_batch=n_items, use_cache=False).loss
         (scaler.scale(loss) if scaler is not None else loss).backward()
         step_loss += loss.detach().float()
         if i == 0:
@@ -440,24 +455,31 @@ def _accumulate_and_step(run: Run, step: int, examples: list[dict[str, Any]]) ->
         optimizer.step()
     run.scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return float(step_loss), float(grad_norm), float(lr)
+    return float(step_loss), float(grad_norm), float(lr), metrics.means()
 
 
 def _evaluate(run: Run, step: int) -> None:
     """Evaluate on the held-out split; a failure is reported and training goes on."""
     if not run.eval:
         return
+    metrics: dict[str, float] = {}
     try:
         run.faults.maybe_fail_eval(step)
-        loss, ppl = evaluate(
-            run.loaded.model,
-            run.eval,
-            run.collate,
-            batch_size=run.state.micro_batch,
-            device=run.loaded.device,
-            autocast=run.loaded.autocast,
-            mask_dtype=run.mask_dtype,
-        )
+        if run.preference is not None:
+            ppl = None  # a preference loss is not a token likelihood
+            loss, metrics = evaluate_preference(
+                run.loaded.model, run.eval, run.preference, batch_size=run.state.micro_batch
+            )
+        else:
+            loss, ppl = evaluate(
+                run.loaded.model,
+                run.eval,
+                run.collate,
+                batch_size=run.state.micro_batch,
+                device=run.loaded.device,
+                autocast=run.loaded.autocast,
+                mask_dtype=run.mask_dtype,
+            )
     except Exception as exc:
         if _is_oom(exc):
             raise
@@ -468,8 +490,8 @@ def _evaluate(run: Run, step: int) -> None:
     finally:
         # evaluate() restores train mode itself; this also covers a failure before it started.
         run.loaded.model.train()
-    run.state.eval_history.append({"step": step, "loss": loss, "perplexity": ppl})
-    run.emit(Eval(step=step, loss=loss, perplexity=ppl))
+    run.state.eval_history.append({"step": step, "loss": loss, "perplexity": ppl, **metrics})
+    run.emit(Eval(step=step, loss=loss, perplexity=ppl, **metrics))
 
 
 def _is_oom(exc: BaseException) -> bool:

@@ -1,4 +1,4 @@
-"""Compare runs: overlay their loss curves and list the settings that differ."""
+"""Compare runs: overlay their loss (or reward) curves and list the settings that differ."""
 
 from __future__ import annotations
 
@@ -16,15 +16,23 @@ COLORS = ["var(--indigo-9)", "var(--orange-9)", "var(--green-9)", "var(--crimson
 # A dash pattern per run too: overlapping curves (a clone, a resumed run) stay tellable apart.
 DASHES = ["", "8 4", "2 3", "10 3 2 3", "4 4"]
 MAX_RUNS = len(COLORS)
+# What can be overlaid: the loss always, the rewards when a preference run reports them.
+METRICS = {"loss": "Loss", "reward_margin": "Reward margin", "reward_accuracy": "Reward accuracy"}
 
 
-def overlay(curves: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
-    """Rows {step, <run>: loss, ...} on the union of steps (a run missing a step leaves a gap)."""
+def overlay(curves: dict[str, list[dict[str, Any]]], key: str = "loss") -> list[dict[str, Any]]:
+    """Rows {step, <run>: value, ...} on the union of steps (a run missing a step leaves a gap)."""
     by_step: dict[int, dict[str, Any]] = {}
     for run_id, points in curves.items():
         for p in points:
-            by_step.setdefault(p["step"], {"step": p["step"]})[run_id] = p["loss"]
+            if p.get(key) is not None:
+                by_step.setdefault(p["step"], {"step": p["step"]})[run_id] = p[key]
     return [by_step[s] for s in sorted(by_step)]
+
+
+def metrics_in(curves: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """The metric labels some selected run has points for, in METRICS order."""
+    return [label for key, label in METRICS.items() if any(key in p for pts in curves.values() for p in pts)]
 
 
 class CompareState(rx.State):
@@ -34,6 +42,8 @@ class CompareState(rx.State):
     series: list[dict[str, str]] = []
     diff: list[dict[str, str]] = []
     message: str = ""
+    metric: str = "Loss"  # a label of METRICS
+    metric_choices: list[str] = ["Loss"]
 
     @rx.var
     def diff_columns(self) -> list[str]:
@@ -61,6 +71,11 @@ class CompareState(rx.State):
             self.selected = [r for r in self.selected if r != run_id]
         await self._refresh()
 
+    @rx.event
+    async def pick_metric(self, label: str) -> None:
+        self.metric = label if label in METRICS.values() else "Loss"
+        await self._refresh()
+
     async def _refresh(self) -> None:
         curves, configs = {}, {}
         for run_id in self.selected:
@@ -72,7 +87,11 @@ class CompareState(rx.State):
                 configs[run_id] = (await service.get_run(run_id)).get("config") or view.config
             except BackpropError:
                 configs[run_id] = view.config
-        self.data = overlay(curves)
+        self.metric_choices = metrics_in(curves) or ["Loss"]
+        if self.metric not in self.metric_choices:
+            self.metric = "Loss"
+        key = next(k for k, label in METRICS.items() if label == self.metric)
+        self.data = overlay(curves, key)
         labels = {c["id"]: c["label"] for c in self.choices}
         self.series = [
             {
@@ -129,6 +148,12 @@ def compare_page() -> rx.Component:
             margin_y="1em",
         ),
         rx.text(s.message, color_scheme="red"),
+        rx.cond(
+            s.metric_choices.length() > 1,
+            rx.select(
+                s.metric_choices, value=s.metric, on_change=CompareState.pick_metric, id="compare-metric"
+            ),
+        ),
         rx.cond(s.selected.length() > 0, overlay_chart(s.data, s.series)),
         rx.cond(s.selected.length() > 1, _diff_table()),
         on_mount=CompareState.load,

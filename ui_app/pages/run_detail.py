@@ -36,6 +36,7 @@ class RunDetailState(rx.State):
     log: str = ""
     last_seq: int = 0
     points: int = 0
+    preference: bool = False  # a preference objective: reward margin and accuracy are charted
     message: str = ""
     error: str = ""
     following: bool = False
@@ -138,6 +139,7 @@ class RunDetailState(rx.State):
         self.summary = summary
         self.chart = view.chart_points()
         self.points = len(view.steps)
+        self.preference = view.preference
         self.timeline = list(reversed(view.timeline))
         self.gpus = view.gpus
         self.final = {human_label(k): _fmt(v) for k, v in view.final.items() if v is not None}
@@ -284,6 +286,17 @@ def run_detail_page() -> rx.Component:
                 columns=rx.breakpoints(initial="1", md="3"),
                 gap="3",
                 width="100%",
+            ),
+            rx.cond(
+                s.preference,
+                rx.grid(
+                    metric_chart(s.chart, "reward_margin", "Reward margin", "var(--violet-9)"),
+                    metric_chart(s.chart, "reward_accuracy", "Reward accuracy", "var(--grass-9)"),
+                    columns=rx.breakpoints(initial="1", md="2"),
+                    gap="3",
+                    width="100%",
+                    id="reward-charts",
+                ),
             ),
             _final(),
             gpu_panel(s.gpus, summary["device"].to(str)),

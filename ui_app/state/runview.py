@@ -76,6 +76,9 @@ def status_text(status: str, phase: str = "") -> str:
     return STATUS_DETAILS.get(status, status_label(status))
 
 
+PREFERENCE_KEYS = ("reward_margin", "reward_accuracy")
+
+
 def timeline_entry(ev: dict[str, Any]) -> dict[str, str]:
     """One line of the timeline: kind (for colour), text, optional error code and its docs link."""
     t = ev.get("type", "")
@@ -217,15 +220,17 @@ class RunView:
             # a resumed run repeats steps after its checkpoint: the newer value replaces the older
             while self.steps and self.steps[-1]["step"] >= self.step:
                 self.steps.pop()
-            self.steps.append(
-                {
-                    "step": self.step,
-                    "loss": self.loss,
-                    "lr": self.lr,
-                    "grad_norm": self.grad_norm,
-                    "tokens_per_s": self.tokens_per_s,
-                }
-            )
+            point = {
+                "step": self.step,
+                "loss": self.loss,
+                "lr": self.lr,
+                "grad_norm": self.grad_norm,
+                "tokens_per_s": self.tokens_per_s,
+            }
+            for key in PREFERENCE_KEYS:  # only preference objectives report them
+                if ev.get(key) is not None:
+                    point[key] = ev[key]
+            self.steps.append(point)
             if ts is not None:
                 self._recent = [*self._recent[-19:], (float(ts), self.step)]
         elif t == "eval":
@@ -261,6 +266,11 @@ class RunView:
             self.timeline.append(timeline_entry(ev))
             del self.timeline[:-TIMELINE_LIMIT]
         return True
+
+    @property
+    def preference(self) -> bool:
+        """Whether the run trains a preference objective (its chart shows rewards)."""
+        return (self.config or {}).get("objective", "sft") != "sft"
 
     @property
     def progress_pct(self) -> int:
