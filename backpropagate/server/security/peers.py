@@ -16,6 +16,7 @@ from pathlib import Path
 from backpropagate.server.security.asgi import Scope
 
 _TABLES = (Path("/proc/net/tcp"), Path("/proc/net/tcp6"))
+_ESTABLISHED = "01"
 # A reverse proxy running as this user would otherwise make every visitor look like the user.
 FORWARDING_HEADERS = (b"x-forwarded-for", b"forwarded", b"x-real-ip", b"cf-connecting-ip")
 
@@ -59,7 +60,8 @@ def socket_owner(scope: Scope) -> int | None:
             continue
         for line in lines:
             fields = line.split()
-            if len(fields) > 7 and fields[1] in mine and fields[2] in theirs:
+            # Established only: a socket in TIME_WAIT has no owner any more and is listed as uid 0.
+            if len(fields) > 7 and fields[1] in mine and fields[2] in theirs and fields[3] == _ESTABLISHED:
                 return int(fields[7])
     return None
 
