@@ -96,7 +96,7 @@ def serve_api(opts: ApiOptions) -> None:
     if token:
         _say(
             "this user's own processes on this machine need no token; other clients send "
-            f"`Authorization: Bearer {token}` (browser: http://{shown}:{opts.bind_port}/api/docs?token={token})"
+            f"`Authorization: Bearer {token}`"
         )
     # proxy_headers off: uvicorn would otherwise take X-Forwarded-For from any loopback peer; the
     # guard believes it only from BACKPROPAGATE_SERVER__TRUSTED_PROXIES.
