@@ -162,6 +162,10 @@ def run_worker(run_dir: Path) -> int:
     try:
         config = RunConfig.load(run_dir / "config.json")
         run_training = load_engine()
+        if config.multi_run is not None:  # a schedule of runs around the engine (training/multirun.py)
+            from backpropagate.training.multirun import engine as multi_run_engine
+
+            run_training = multi_run_engine(run_training)
         world = int(os.environ.get("WORLD_SIZE", "1"))
         # An engine trains data-parallel only when it says so; otherwise rank 0 trains alone
         # (on its first GPU, as a one-process run would) and the other ranks leave at once.
@@ -209,7 +213,7 @@ def run_worker(run_dir: Path) -> int:
                     )
                 )
             else:
-                emit(failed_event(exc, last["step"]))
+                emit(failed_event(exc, last["step"], run_dir))
         return 1
     finally:
         trackers.close()

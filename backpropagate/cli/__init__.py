@@ -8,7 +8,6 @@ them and wires them up. Modules import torch and friends only inside their comma
 from __future__ import annotations
 
 import csv
-import errno
 import importlib
 import json
 import pkgutil
@@ -19,7 +18,7 @@ from pathlib import Path
 
 import typer
 
-from backpropagate.errors import BackpropError, ErrorCode
+from backpropagate.errors import BackpropError, ErrorCode, disk_full_error
 
 app = typer.Typer(
     name="backprop",
@@ -144,15 +143,9 @@ def _home() -> Path:
 def to_catalog(exc: Exception) -> BackpropError:
     """The catalogued error for an exception nobody caught; the traceback goes to a log file."""
     line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-        code = getattr(ErrorCode, "RUNTIME_DISK_FULL", ErrorCode.RUNTIME_INTERNAL)
-        where = f" writing {exc.filename}" if exc.filename else ""
-        hint = (
-            None
-            if code != ErrorCode.RUNTIME_INTERNAL
-            else "Free disk space (or move BACKPROPAGATE_HOME) and retry."
-        )
-        return BackpropError(code, f"No space left on device{where}.", hint=hint)
+    full = disk_full_error(exc)
+    if full is not None:
+        return full
     if type(exc).__name__ == "NoMatchingPeftModuleError":  # peft's, raised for --target-modules
         return BackpropError(
             ErrorCode.CONFIG_INVALID_SETTING,

@@ -15,7 +15,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from backpropagate.errors import BackpropError, ErrorCode
+from backpropagate.errors import BackpropError, ErrorCode, disk_full_error
 
 JOB_FILE = ".job.json"
 PROGRESS_FILE = ".progress.jsonl"
@@ -65,7 +65,9 @@ def run_job(job_dir: Path) -> int:
         return 1
     except Exception as exc:  # noqa: BLE001 - any crash must still reach the API as a record
         traceback.print_exc()
-        err = BackpropError(ErrorCode.RUNTIME_INTERNAL, f"export failed: {type(exc).__name__}: {exc}")
+        err = disk_full_error(exc, job_dir) or BackpropError(
+            ErrorCode.RUNTIME_INTERNAL, f"export failed: {type(exc).__name__}: {exc}"
+        )
         append_line(progress_path, {"type": "failed", **_error_record(err)})
         return 1
     _record(job, export_label(result.format, result.quantization, result.base_model), Path(result.path))

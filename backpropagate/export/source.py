@@ -1,4 +1,8 @@
-"""Find what to export: a run id, a run folder, an adapter folder or a full model folder."""
+"""Find what to export: a run id, a run folder, a checkpoint folder, an adapter folder or a full model folder.
+
+The one resolver of both doors: ``backprop export`` and the API's export jobs call it. A stopped
+run (no ``adapter/`` yet) exports its newest complete checkpoint (``export/checkpoint.py``).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from backpropagate.errors import BackpropError, ErrorCode
+from backpropagate.export.checkpoint import checkpoint_weights, is_checkpoint, last_checkpoint, not_exportable
 from backpropagate.settings import get_settings
 
 
@@ -56,6 +61,8 @@ def resolve_source(source: str | Path) -> ExportSource:
         if not path.is_dir():
             continue
         path = path.resolve()
+        if is_checkpoint(path) and (path.parent.parent / "config.json").is_file():  # RUN/checkpoints/step-N
+            return _from_run_dir(path.parent.parent, checkpoint=path)
         config_path = path / "config.json"
         if (path / "adapter").is_dir() or (config_path.is_file() and "data" in _read_json(config_path)):
             return _from_run_dir(path)
@@ -108,24 +115,33 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise BackpropError(ErrorCode.STATE_NOT_FOUND, f"cannot read {path}: {exc}") from exc
 
 
-def _from_run_dir(run_dir: Path) -> ExportSource:
+def _from_run_dir(run_dir: Path, checkpoint: Path | None = None) -> ExportSource:
+    """A run's weights: its adapter (or full model, in the run folder or its output_dir) once it has
+    finished; else, or when ``checkpoint`` names one, a checkpoint written out as an adapter folder."""
     config_path = run_dir / "config.json"
     if not config_path.is_file():
         raise BackpropError(ErrorCode.STATE_RUN_NOT_FOUND, f"{config_path} is missing: not a run folder")
     config = _read_json(config_path)
     base = _resolve_base(str(config.get("model", "")))
-    adapter = run_dir / "adapter"
-    if _is_adapter(adapter):
-        return ExportSource(base_model=base, adapter_dir=adapter, run_dir=run_dir, run_config=config)
-    # Full fine-tuning leaves a whole model instead of an adapter.
-    for folder in (run_dir / "model", adapter):
-        if _is_model(folder):
-            return ExportSource(base_model=str(folder), adapter_dir=None, run_dir=run_dir, run_config=config)
-    raise BackpropError(
-        ErrorCode.STATE_RUN_NOT_FOUND,
-        f"run {run_dir.name} has no trained weights yet ({adapter} is missing or empty); "
-        "wait for it to finish or export a checkpoint folder",
-    )
+    if checkpoint is None:
+        adapter = run_dir / "adapter"
+        output_dir = Path(config["output_dir"]).expanduser() if config.get("output_dir") else None
+        for folder in (adapter, output_dir):
+            if folder is not None and _is_adapter(folder):
+                return ExportSource(base_model=base, adapter_dir=folder, run_dir=run_dir, run_config=config)
+        # Full fine-tuning leaves a whole model instead of an adapter.
+        for folder in (run_dir / "model", adapter, output_dir):
+            if folder is not None and _is_model(folder):
+                return ExportSource(
+                    base_model=str(folder), adapter_dir=None, run_dir=run_dir, run_config=config
+                )
+        checkpoint = last_checkpoint(run_dir)  # a stopped or interrupted run
+        if checkpoint is None:
+            raise not_exportable(run_dir)
+    weights = checkpoint_weights(checkpoint, config)
+    if _is_adapter(weights):
+        return ExportSource(base_model=base, adapter_dir=weights, run_dir=run_dir, run_config=config)
+    return ExportSource(base_model=str(weights), adapter_dir=None, run_dir=run_dir, run_config=config)
 
 
 def _resolve_base(model: str) -> str:

@@ -32,7 +32,8 @@ from backpropagate.settings import Settings
 log = get_logger(__name__)
 
 JOB_MODULE = "backpropagate.export.job"
-EXPORTABLE_STATUSES = frozenset({"completed", "cancelled"})
+# Completed runs export their adapter; stopped and interrupted ones their newest checkpoint.
+EXPORTABLE_STATUSES = frozenset({"completed", "cancelled", "interrupted"})
 DIRECT_GGUF = frozenset({"f32", "f16", "bf16", "q8_0"})  # written by the converter, no quantize stage
 EXPORT_ID = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,80}$")
 SERVER_READY_S = 120.0
@@ -75,7 +76,11 @@ def check_request(fmt: str, quantization: str | None) -> str | None:
 
 
 def weights_source(run: Run, run_dir: Path) -> Path | None:
-    """The folder holding the run's trained weights (run folder or its output_dir), if any."""
+    """What the export job resolves (``export/source.py``, the resolver ``backprop export`` uses too):
+    the run folder (or its output_dir) holding trained weights, the run folder when it has only a
+    complete checkpoint, else None. No torch here."""
+    from backpropagate.export.checkpoint import last_checkpoint
+
     # LoRA runs leave adapter/adapter_config.json; full fine-tuning a whole model (config.json).
     marks = ("adapter/adapter_config.json", "adapter/config.json", "model/config.json")
     if any((run_dir / mark).is_file() for mark in marks):
@@ -85,6 +90,8 @@ def weights_source(run: Run, run_dir: Path) -> Path | None:
         out = Path(output_dir).expanduser()
         if (out / "adapter_config.json").is_file() or (out / "config.json").is_file():
             return out
+    if last_checkpoint(run_dir) is not None:  # stopped before the end: its newest checkpoint
+        return run_dir
     return None
 
 
@@ -169,7 +176,8 @@ class ExportJobs:
         if source is None:
             raise BackpropError(
                 ErrorCode.STATE_RUN_NOT_EXPORTABLE,
-                f"Run {run.id} is {run.status} but {run_dir / 'adapter'} holds no adapter or model.",
+                f"Run {run.id} is {run.status} but has no adapter and no complete checkpoint yet.",
+                hint="Resume it until it writes a checkpoint (every save_every steps), then export.",
             )
         q = check_request(fmt, quantization)
         if ollama_name and fmt != "gguf":

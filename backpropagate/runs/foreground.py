@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from backpropagate.config import RunConfig
-from backpropagate.errors import BackpropError, ErrorCode
+from backpropagate.errors import BackpropError, ErrorCode, disk_full_error
 from backpropagate.events import FINAL_TYPES, Cancelled, Completed, EventBase, EventLog, Failed
 from backpropagate.logs import get_logger
 from backpropagate.training.control import RunControl
@@ -27,11 +27,16 @@ _FREQUENT = frozenset({"step", "gpu"})
 log = get_logger(__name__)
 
 
-def failed_event(exc: BaseException, step: int | None) -> Failed:
-    """The final ``failed`` event for any exception: its catalogued code, or RUNTIME_TRAINING_FAILED."""
-    err = exc if isinstance(exc, BackpropError) else BackpropError(
-        ErrorCode.RUNTIME_TRAINING_FAILED, f"{type(exc).__name__}: {exc}"
-    )
+def failed_event(exc: BaseException, step: int | None, where: Path | None = None) -> Failed:
+    """The final ``failed`` event for any exception: its catalogued code (a full disk is
+    RUNTIME_DISK_FULL, naming ``where``, the run folder, and its free space; resumable once space
+    is freed), or RUNTIME_TRAINING_FAILED."""
+    if isinstance(exc, BackpropError):
+        err = exc
+    else:
+        err = disk_full_error(exc, where) or BackpropError(
+            ErrorCode.RUNTIME_TRAINING_FAILED, f"{type(exc).__name__}: {exc}"
+        )
     return Failed(code=str(err.code), message=err.message, hint=err.hint, retryable=err.retryable, step=step)
 
 
@@ -106,7 +111,7 @@ def train_in_process(
         except BaseException as exc:
             if last["type"] not in FINAL_TYPES:  # a second Ctrl-C aborts: resumable, not failed
                 aborted = isinstance(exc, KeyboardInterrupt)
-                emit(Cancelled(step=last["step"]) if aborted else failed_event(exc, last["step"]))
+                emit(Cancelled(step=last["step"]) if aborted else failed_event(exc, last["step"], run_dir))
             raise
         finally:
             sync.flush()
