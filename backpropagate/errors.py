@@ -211,7 +211,8 @@ CATALOG: dict[ErrorCode, ErrorSpec] = {
     ),
     C.DEP_LLAMA_CPP_MISSING: ErrorSpec(
         "llama-cpp-python is needed for this quantization or for verification.",
-        "`pip install 'backpropagate[export]'` (needs a C compiler and cmake: "
+        "From the Backpropagate checkout: `.venv/bin/pip install -e '.[export]'` (the `backpropagate` "
+        "on PyPI is another project; building it needs a C compiler and cmake: "
         "`apt-get install build-essential cmake`); f16 and q8_0 work without it.",
         http_status=424,
     ),
