@@ -47,6 +47,23 @@ def is_demo_model(model: Any) -> bool:
     return isinstance(model, str) and model.startswith("demo")
 
 
+class MultiRun(BaseModel):
+    """A multi-run schedule (docs/multi-run.md): runs on fresh chunks of the data, adapters merged between."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    num_runs: int = Field(..., ge=1, description="Number of runs.")
+    steps_per_run: int = Field(..., ge=1, description="Optimizer steps per run.")
+    samples_per_run: int = Field(..., ge=1, description="New rows each run trains on.")
+    merge: Literal["slao", "linear"] = Field("slao", description="How each run's adapter is merged in.")
+    validate_every_run: bool = Field(True, description="Validate every merge on the 10% holdout.")
+    early_stopping: bool = Field(True, description="Stop once `patience` runs bring no better validation.")
+    patience: int = Field(2, ge=1, description="Runs without a better validation loss before stopping.")
+    min_delta: float = Field(0.0, ge=0, description="How much lower a validation loss must be to count.")
+    wrap: bool = Field(False, description="Once every row was trained on, reshuffle the pool and go on.")
+    track_forgetting: bool = Field(False, description="After each merge, the loss on every earlier chunk.")
+
+
 class RunConfig(BaseModel):
     """A complete description of one training run."""
 
@@ -84,6 +101,10 @@ class RunConfig(BaseModel):
     use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA).")
     init_adapter: str | None = Field(
         None, description="Start the LoRA weights from this saved adapter folder instead of fresh ones."
+    )
+    multi_run: MultiRun | None = Field(
+        None,
+        description="Train as a multi-run with this schedule (docs/multi-run.md); JSON text is accepted.",
     )
 
     # Objective
@@ -197,6 +218,14 @@ class RunConfig(BaseModel):
             if data.get("steps") is None and data.get("epochs") is None:
                 data["steps"] = DEMO_STEPS
         return data
+
+    @field_validator("multi_run", mode="before")
+    @classmethod
+    def _schedule_from_text(cls, value: Any) -> Any:
+        """A schedule given as JSON text (a form field or a flag)."""
+        if isinstance(value, str):
+            return json.loads(value) if value.strip() else None
+        return value
 
     @field_validator("report_to", mode="before")
     @classmethod

@@ -114,12 +114,18 @@ class Trainer:
         """Train ``num_runs`` runs on fresh chunks of ``data``, merging the adapters between runs.
 
         ``schedule`` takes ``validate_every_run``, ``early_stopping``, ``patience``, ``min_delta`` and
-        ``wrap`` (see :class:`backpropagate.training.multirun.Schedule`); ``resume`` continues an
+        ``wrap``, ``track_forgetting`` (see :class:`backpropagate.config.MultiRun`); ``resume`` continues an
         earlier multi-run by its id. Returns a ``MultiRunResult`` (its adapter is the merged one).
         """
-        from backpropagate.training.multirun import Schedule, start_multi_run
+        from backpropagate.training.multirun import make_schedule, start_multi_run
 
-        plan = Schedule(num_runs, steps_per_run, samples_per_run, merge, **schedule)  # type: ignore[arg-type]
+        plan = make_schedule(
+            num_runs=num_runs,
+            steps_per_run=steps_per_run,
+            samples_per_run=samples_per_run,
+            merge=merge,
+            **schedule,
+        )
         config = self.make_config(data)
         hooks = list(callbacks or [])
         result = start_multi_run(config, plan, resume=resume, on_event=lambda e: [h(e) for h in hooks])

@@ -31,7 +31,9 @@ def rows_file(tmp_path_factory, home) -> Path:
     from backpropagate.models.demo import resolve_model
 
     resolve_model("demo")
-    path = tmp_path_factory.mktemp("multirun") / "rows.jsonl"
+    folder = home / "multirun-test"  # inside BACKPROPAGATE_HOME: the API accepts data there
+    folder.mkdir(exist_ok=True)
+    path = folder / "rows.jsonl"
     rows = [
         {"messages": [{"role": "user", "content": f"What is item {i}?"},
                       {"role": "assistant", "content": f"Item {i} is number {i * 7 % 13}."}]}
@@ -149,3 +151,31 @@ def test_crash_at_run_two_resumes_at_run_two_with_the_merged_adapter(rows_file):
     assert result.runs[1]["steps"] == 4
     resumed = [e for e in events_of(run_dir) if e["type"] == "run_started"]
     assert resumed[-1]["resumed_from_step"] == 4  # one run of four steps was already merged
+
+
+def test_api_run_with_a_schedule_is_a_multi_run(home, rows_file):
+    from test_api_server import Server, _kill_workers
+
+    server = Server(home, engine=True).start()
+    try:
+        body = config(rows_file).model_dump(mode="json") | {
+            "device": "cpu",
+            "multi_run": {"num_runs": 2, "steps_per_run": 3, "samples_per_run": 8, "early_stopping": False},
+        }
+        resp = server.post("/api/runs", json=body)
+        assert resp.status_code == 201, resp.text
+        run_id = resp.json()["id"]
+        final = server.wait_status(run_id, {"completed", "failed"}, timeout=240)
+        assert final["status"] == "completed", final
+        run_dir = home / "runs" / run_id
+        manifest = json.loads((run_dir / "multirun.json").read_text())
+        assert [r["index"] for r in manifest["runs"]] == [1, 2] and all(
+            r["val_loss"] > 0 for r in manifest["runs"]
+        )
+        assert RunConfig.load(run_dir / "config.json").multi_run.num_runs == 2
+        assert RunConfig.load(run_dir / "runs" / "run-02" / "config.json").multi_run is None
+        steps = [e["step"] for e in events_of(run_dir) if e["type"] == "step"]
+        assert steps == [1, 2, 3, 4, 5, 6] and (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+    finally:
+        server.stop()
+        _kill_workers(home)

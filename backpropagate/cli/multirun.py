@@ -20,7 +20,7 @@ EXAMPLES = """Examples:
   backprop multi-run --resume RUN_ID
 """
 # RunConfig fields the schedule sets for each sub-run: not options here.
-SCHEDULED = {"steps", "epochs", "eval_data", "eval_fraction", "init_adapter", "output_dir"}
+SCHEDULED = {"steps", "epochs", "eval_data", "eval_fraction", "init_adapter", "output_dir", "multi_run"}
 
 
 def multi_run(
@@ -43,7 +43,7 @@ def multi_run(
     """
     from backpropagate.cli.train import _quiet_libraries, build_config
     from backpropagate.training.control import RunControl
-    from backpropagate.training.multirun import Schedule, start_multi_run
+    from backpropagate.training.multirun import make_schedule, start_multi_run
 
     if merge not in ("slao", "linear"):
         raise BackpropError(ErrorCode.CONFIG_INVALID, f"--merge must be slao or linear, not {merge!r}.")
@@ -56,7 +56,7 @@ def multi_run(
                 ErrorCode.CONFIG_INVALID, f"Invalid multi-run: {', '.join(missing)} required."
             )
         config = build_config(options)
-    schedule = Schedule(
+    schedule = make_schedule(
         num_runs=runs or 1, steps_per_run=steps or 1, samples_per_run=samples or 1, merge=merge,  # type: ignore[arg-type]
         validate_every_run=validate, early_stopping=early_stopping, patience=patience, wrap=wrap,
         track_forgetting=track_forgetting,

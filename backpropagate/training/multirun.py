@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from backpropagate.config import RunConfig
+from backpropagate.config import MultiRun, RunConfig
 from backpropagate.errors import BackpropError, ErrorCode
 from backpropagate.events import (
     Cancelled,
@@ -46,7 +46,7 @@ from backpropagate.events import (
 from backpropagate.logs import get_logger
 from backpropagate.training.checkpoints import write_json_atomic
 from backpropagate.training.control import RunControl
-from backpropagate.training.slao import Merge, merge_adapters, merge_weight, next_run_init
+from backpropagate.training.slao import merge_adapters, merge_weight, next_run_init
 
 Emit = Callable[[EventBase], None]
 Train = Callable[..., Any]
@@ -57,38 +57,36 @@ ADAPTER_FILE = "adapter_model.safetensors"
 log = get_logger(__name__)
 
 
-@dataclass
-class Schedule:
-    """How a multi-run is cut into runs and merged; saved in the manifest so a resume reuses it."""
+# The schedule is a RunConfig field (``multi_run``): the API, the CLI and Python give the same object.
+Schedule = MultiRun
 
-    num_runs: int
-    steps_per_run: int
-    samples_per_run: int
-    merge: Merge = "slao"
-    validate_every_run: bool = True
-    early_stopping: bool = True
-    patience: int = 2  # runs without a better validation loss before stopping
-    min_delta: float = 0.0  # how much lower a validation loss must be to count as better
-    wrap: bool = False  # reuse the pool (a fresh shuffle) once every chunk was trained on
-    track_forgetting: bool = False  # after each merge, the loss on every earlier run's chunk
 
-    @property
-    def validates(self) -> bool:
-        return self.validate_every_run or self.early_stopping
+def validates(schedule: Schedule) -> bool:
+    """Whether merges are validated (and so 10% of the rows held out)."""
+    return schedule.validate_every_run or schedule.early_stopping
 
-    def check(self, config: RunConfig) -> None:
-        problems = []
-        for name in ("num_runs", "steps_per_run", "samples_per_run", "patience"):
-            if getattr(self, name) < 1:
-                problems.append(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.merge not in ("slao", "linear"):
-            problems.append(f"merge must be 'slao' or 'linear', got {self.merge!r}")
-        if config.method == "full":
-            problems.append("multi-run merges LoRA adapters: use method='lora' or 'qlora', not 'full'")
-        if config.objective != "sft":
-            problems.append(f"multi-run trains objective='sft' for now, not {config.objective!r}")
-        if problems:
-            raise BackpropError(ErrorCode.CONFIG_INVALID, "Invalid multi-run: " + "; ".join(problems))
+
+def check_schedule(schedule: Schedule, config: RunConfig) -> None:
+    """What the schedule cannot do with this run configuration, all at once."""
+    problems = []
+    if config.method == "full":
+        problems.append("multi-run merges LoRA adapters: use method='lora' or 'qlora', not 'full'")
+    if config.objective != "sft":
+        problems.append(f"multi-run trains objective='sft' for now, not {config.objective!r}")
+    if problems:
+        raise BackpropError(ErrorCode.CONFIG_INVALID, "Invalid multi-run: " + "; ".join(problems))
+
+
+def make_schedule(**fields: Any) -> Schedule:
+    """A schedule from keyword arguments; CONFIG_INVALID lists every bad field."""
+    from pydantic import ValidationError
+
+    from backpropagate.config import config_error
+
+    try:
+        return Schedule(**fields)
+    except ValidationError as exc:
+        raise config_error(exc) from None
 
 
 @dataclass
@@ -238,7 +236,7 @@ class _Done:
 # The schedule ------------------------------------------------------------------------------------
 def run_multi(
     config: RunConfig,
-    schedule: Schedule,
+    schedule: Schedule | None,
     run_dir: Path,
     emit: Emit,
     control: RunControl | None = None,
@@ -246,12 +244,21 @@ def run_multi(
     train: Train | None = None,
     validate: Callable[[RunConfig, Path, Path], tuple[float, float]] = validation_loss,
 ) -> MultiRunResult:
-    """Run (or resume) the multi-run of ``config`` in ``run_dir``; events go to ``emit``."""
+    """Run (or resume) the multi-run of ``config`` in ``run_dir``; events go to ``emit``.
+
+    ``schedule`` defaults to ``config.multi_run``; a resumed multi-run keeps the one it started with.
+    """
     from backpropagate.data.loading import load_examples
+
+    schedule = schedule or config.multi_run
+    if schedule is None:
+        raise BackpropError(
+            ErrorCode.CONFIG_INVALID, "Invalid multi-run: the run configuration has no multi_run."
+        )
 
     if train is None:
         from backpropagate.training import run_training as train
-    schedule.check(config)
+    check_schedule(schedule, config)
     control = control or RunControl()
     run_dir = Path(run_dir)
     manifest_path = run_dir / MANIFEST
@@ -264,7 +271,7 @@ def run_multi(
         raise BackpropError(ErrorCode.DATASET_EMPTY, f"{config.data} has no rows to train on.")
     plan = plan_chunks(
         len(loaded.examples), schedule.num_runs, schedule.samples_per_run,
-        seed=config.seed, validate=schedule.validates, wrap=schedule.wrap,
+        seed=config.seed, validate=validates(schedule), wrap=schedule.wrap,
     )  # fmt: skip
     data_dir = run_dir / "data"
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -302,6 +309,7 @@ def run_multi(
             **config.model_dump(), "name": f"{config.name or run_dir.name} {name}", "data": str(chunk_file),
             "data_format": "auto", "eval_data": None, "eval_fraction": 0.0, "steps": schedule.steps_per_run,
             "seed": config.seed + k - 1, "output_dir": None, "init_adapter": str(init) if init else None,
+            "multi_run": None,
         })  # fmt: skip
         sub_dir.mkdir(parents=True, exist_ok=True)
         sub_config.save(sub_dir / "config.json")
@@ -408,7 +416,7 @@ def _validate(
     config: RunConfig, merged_dir: Path, holdout_file: Path, schedule: Schedule, plan: ChunkPlan, emit: Emit, k: int,
 ) -> tuple[float, float] | None:  # fmt: skip
     """The merged adapter's holdout loss; a failure is reported and the schedule goes on."""
-    if not schedule.validates or not plan.holdout:
+    if not validates(schedule) or not plan.holdout:
         return None
     emit(Status(status="running", phase="validating", message=f"validating the merge of run {k}"))
     try:
@@ -472,7 +480,7 @@ def _publish_adapter(run_dir: Path, manifest: dict[str, Any]) -> Path | None:
 def _load_manifest(path: Path, schedule: Schedule) -> dict[str, Any]:
     if path.is_file():
         return json.loads(path.read_text())  # a resume keeps the schedule it started with
-    return {"schedule": asdict(schedule), "runs": [], "best_val_loss": None, "best_run": None,
+    return {"schedule": schedule.model_dump(), "runs": [], "best_val_loss": None, "best_run": None,
             "runs_since_best": 0, "stopped_early": False}  # fmt: skip
 
 
@@ -544,14 +552,27 @@ def start_multi_run(
         if Path(resume).name != resume or not (run_dir / MANIFEST).is_file():
             raise BackpropError(ErrorCode.STATE_RUN_NOT_FOUND, f"No multi-run '{resume}' under {runs}.")
         config = RunConfig.load(run_dir / "config.json")
+        schedule = config.multi_run or schedule
     else:
+        config = config.model_copy(update={"multi_run": schedule})  # the run's config names its schedule
         # Every check that can fail does, before a folder exists for a run that cannot start.
         from backpropagate.data.loading import load_examples
 
-        schedule.check(config)
+        check_schedule(schedule, config)
         n_rows = len(load_examples(config.data, config.data_format, config.skip_bad_rows).examples)
         plan_chunks(n_rows, schedule.num_runs, schedule.samples_per_run, seed=config.seed,
-                    validate=schedule.validates, wrap=schedule.wrap)  # fmt: skip
+                    validate=validates(schedule), wrap=schedule.wrap)  # fmt: skip
         run_dir = create_run_dir(runs)
         config.save(run_dir / "config.json")
     return multi_run_in_process(config, schedule, run_dir, on_event, control, **kwargs)
+
+
+def engine(train: Train) -> Train:
+    """The worker's engine for a run whose config has a ``multi_run`` schedule: the schedule around ``train``."""
+
+    def run(
+        config: RunConfig, run_dir: Path, emit: Emit, control: RunControl | None = None
+    ) -> MultiRunResult:
+        return run_multi(config, config.multi_run, run_dir, emit, control, train=train)
+
+    return run
