@@ -121,8 +121,12 @@ def test_security_account_backoff_grows_and_resets(monkeypatch: pytest.MonkeyPat
         waits.append(backoff.wait("alice"))
     assert waits == [2.0, 4.0, 8.0, 8.0, 8.0]  # doubling, capped
     assert backoff.wait("bob") == 0 and backoff.reserve("bob")  # accounts are apart
+    backoff.failed("alice", "old password")
+    assert backoff.known_wrong("alice", "old password")
+    assert not backoff.known_wrong("bob", "old password") and not backoff.known_wrong("alice", "other")
     backoff.succeeded("alice")
     assert backoff.wait("alice") == 0 and backoff.reserve("alice")
+    assert not backoff.known_wrong("alice", "old password")  # forgotten once the owner signed in
 
 
 def test_security_socket_owner_of_a_real_loopback_connection() -> None:

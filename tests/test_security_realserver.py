@@ -8,6 +8,7 @@ caps, NUL bytes, over-long URLs, preflights, and (as root) another OS user of th
 
 from __future__ import annotations
 
+import base64
 import os
 import shutil
 import subprocess
@@ -184,18 +185,27 @@ def _login(server: ApiServer, source: str, user: str, password: str, **headers: 
 
 
 def test_security_realserver_account_backs_off_whatever_the_address(basic: ApiServer) -> None:
-    # Ten wrong passwords for one account, each from a fresh loopback address: no address is
-    # ever blocked, the account is.
-    codes = [_login(basic, f"127.0.40.{n}", "bob", "guess") for n in range(1, 11)]
+    # Ten different wrong passwords for one account, each from a fresh loopback address: no
+    # address is ever blocked, the account is.
+    codes = [_login(basic, f"127.0.40.{n}", "bob", f"guess-{n}") for n in range(1, 11)]
     assert codes == [401] * 10, codes
-    r_wrong = _login(basic, "127.0.40.50", "bob", "guess")
-    assert r_wrong == 429
+    assert _login(basic, "127.0.40.50", "bob", "guess-50") == 429
     # Other accounts are not slowed down by it.
     assert _login(basic, "127.0.40.51", "alice", PASSWORD) == 200
     # Backoff, not lock-out: after the wait, the account may try again.
     time.sleep(1.2)
-    assert _login(basic, "127.0.40.52", "bob", "guess") == 401
-    assert _login(basic, "127.0.40.53", "bob", "guess") == 429  # and the next wait is longer
+    assert _login(basic, "127.0.40.52", "bob", "guess-52") == 401
+    assert _login(basic, "127.0.40.53", "bob", "guess-53") == 429  # and the next wait is longer
+
+
+def test_security_realserver_a_stale_password_does_not_slow_the_account(basic: ApiServer) -> None:
+    # A script retrying one old password from many addresses is not guessing: each try is
+    # wrong (401) without costing the account anything, so its owner still signs in at once.
+    stale = "Basic " + base64.b64encode(b"alice:last year's password").decode()
+    for n in range(1, 16):
+        with basic.client(f"127.0.41.{n}") as c:
+            assert c.get("/api/runs", headers={"authorization": stale}).status_code == 401
+    assert _login(basic, "127.0.41.50", "alice", PASSWORD) == 200
 
 
 def test_security_realserver_forwarded_for_only_from_trusted_proxies(basic: ApiServer) -> None:

@@ -26,6 +26,7 @@ from backpropagate.server.security.asgi import (
     without_headers,
 )
 from backpropagate.server.security.peers import is_same_user
+from backpropagate.server.security.ratelimit import BLOCKED, CHECK
 from backpropagate.server.security.sessions import (
     LOCAL_USER,
     Authenticator,
@@ -132,11 +133,14 @@ class Authenticate:
             user, sep, password = decoded.partition(":")
             if sep and self.auth.cached_password(user, password):
                 return user
-            if not self.auth.throttle.reserve(ip, user):
+            throttle = self.auth.throttle
+            verdict = throttle.attempt(ip, user, password)
+            if verdict == BLOCKED:
                 raise HashingBusy
-            if sep and await self.auth.check_password(user, password):
-                self.auth.throttle.refund(ip, user)
+            if verdict == CHECK and sep and await self.auth.check_password(user, password):
+                throttle.refund(ip, user)
                 return user
+            throttle.failed(user, password)
             return None
         self.auth.throttle.record_failure(ip)
         return None

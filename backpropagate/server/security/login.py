@@ -24,6 +24,7 @@ from backpropagate.server.security.asgi import (
     send_response,
 )
 from backpropagate.server.security.authenticate import is_https
+from backpropagate.server.security.ratelimit import BLOCKED, WRONG
 from backpropagate.server.security.sessions import LOCAL_USER, Authenticator, HashingBusy, read_cookie
 
 _PAGE = """<!doctype html>
@@ -106,21 +107,24 @@ class AuthEndpoints:
         Raises HashingBusy when this IP is blocked or too many checks are running (429).
         """
         ip = client_ip(scope)
-        # Accounts back off on their own: rotating addresses (or sharing a proxy's) changes nothing.
-        account = None if self.auth.policy.mode == "local" else fields.get("username", "")
-        if not self.auth.throttle.reserve(ip, account):
-            raise HashingBusy
-        user: str | None = None
+        throttle = self.auth.throttle
         if self.auth.policy.mode == "local":
-            if self.auth.check_token(fields.get("token")):
-                user = LOCAL_USER
-        else:
-            name, password = fields.get("username", ""), fields.get("password", "")
-            if name and password and await self.auth.check_password(name, password):
-                user = name
-        if user is not None:
-            self.auth.throttle.refund(ip, account)
-        return user
+            if not throttle.reserve(ip):
+                raise HashingBusy
+            if not self.auth.check_token(fields.get("token")):
+                return None
+            throttle.refund(ip)
+            return LOCAL_USER
+        # Accounts back off on their own: rotating addresses (or sharing a proxy's) changes nothing.
+        name, password = fields.get("username", ""), fields.get("password", "")
+        verdict = throttle.attempt(ip, name, password)
+        if verdict == BLOCKED:
+            raise HashingBusy
+        if verdict == WRONG or not (name and password and await self.auth.check_password(name, password)):
+            throttle.failed(name, password)
+            return None
+        throttle.refund(ip, name)
+        return name
 
     async def _verify_or_refuse(self, scope: Scope, send: Send, fields: dict[str, str]) -> str | bool | None:
         """The user, None for wrong credentials, or False when a 429 was already sent."""

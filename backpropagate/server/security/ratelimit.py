@@ -6,8 +6,11 @@ configured reverse proxy names in X-Forwarded-For.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import ipaddress
 import os
+import secrets
 import time
 from collections.abc import Iterable
 from urllib.parse import parse_qs
@@ -72,6 +75,8 @@ class AccountBackoff:
 
     The right password works again as soon as the wait is over, and resets the count: an attacker
     can slow an account down, never lock its owner out for longer than ``max_delay`` seconds.
+    A wrong password already tried for the account is remembered (as a keyed digest) and does not
+    count again: a script retrying a stale password is not guessing, and must not slow the owner.
     """
 
     def __init__(self, free: int = 5, max_delay: float = 60.0, max_keys: int = 10_000) -> None:
@@ -79,6 +84,8 @@ class AccountBackoff:
         self.max_delay = max_delay
         self.max_keys = max_keys
         self._state: dict[str, tuple[int, float]] = {}  # name -> (failures, blocked until)
+        self._wrong: dict[str, list[bytes]] = {}  # name -> digests of its recent wrong passwords
+        self._key = secrets.token_bytes(32)
 
     def wait(self, name: str) -> float:
         """Seconds until ``name`` may try again (0: now)."""
@@ -93,14 +100,38 @@ class AccountBackoff:
         failures += 1
         if failures >= self.free:
             until = now + min(self.max_delay, 2.0 ** (failures - self.free))
-            log.warning("failed logins for account %r: %d; next try in %.0f s", name, failures, until - now)
+            # Not the name itself: a password typed into the user name field would land in the log.
+            log.warning(
+                "failed logins for account %s: %d; next try in %.0f s", _tag(name), failures, until - now
+            )
         if len(self._state) >= self.max_keys:
             self._state = {k: v for k, v in self._state.items() if v[1] > now}
+            self._wrong = {k: v for k, v in self._wrong.items() if k in self._state}
         self._state[name] = (failures, until)
         return True
 
+    def _digest(self, name: str, password: str) -> bytes:
+        return hmac.new(self._key, f"{name}\x00{password}".encode(), hashlib.sha256).digest()
+
+    def known_wrong(self, name: str, password: str) -> bool:
+        return self._digest(name, password) in self._wrong.get(name, ())
+
+    def failed(self, name: str, password: str) -> None:
+        """Remember a wrong password of ``name`` (the last 16 of them)."""
+        recent = self._wrong.setdefault(name, [])
+        recent.append(self._digest(name, password))
+        del recent[:-16]
+
     def succeeded(self, name: str) -> None:
         self._state.pop(name, None)
+        self._wrong.pop(name, None)
+
+
+def _tag(name: str) -> str:
+    return "#" + hashlib.sha256(name.encode()).hexdigest()[:8]
+
+
+CHECK, WRONG, BLOCKED = "check", "wrong", "blocked"
 
 
 class LoginThrottle:
@@ -111,6 +142,22 @@ class LoginThrottle:
         # Twice the address limit: one address alone meets its own limit first, so a typo-prone
         # user (or a neighbour on a shared address) does not slow the account for everyone.
         self.accounts = AccountBackoff(free=2 * failures)
+
+    def attempt(self, ip: str, account: str, password: str) -> str:
+        """Count a login attempt before its password is checked: CHECK it, or answer at once.
+
+        WRONG: this account already failed with this very password (401, no hash computed, counted
+        against the address only). BLOCKED: the address or the account must wait (429).
+        Call ``refund`` when the password turns out right, ``failed`` when it does not.
+        """
+        if self.accounts.wait(account) > 0:
+            return BLOCKED
+        if self.accounts.known_wrong(account, password):
+            return WRONG if self.reserve(ip) else BLOCKED
+        return CHECK if self.reserve(ip, account) else BLOCKED
+
+    def failed(self, account: str, password: str) -> None:
+        self.accounts.failed(account, password)
 
     def reserve(self, ip: str, account: str | None = None) -> bool:
         """Count an attempt before its credentials are checked; False when the IP or account is blocked.
