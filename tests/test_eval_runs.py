@@ -54,7 +54,7 @@ def memorised(home: Path, tmp_path_factory) -> dict:
         "--lora-r", "32", "--lora-alpha", "64", "--eval-fraction", "0", "--no-packing",
         "--max-seq-len", "64", "--json",
     )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     run_id = json.loads(done.stdout)["run_id"]
     return {"run_id": run_id, "run_dir": home / "runs" / run_id, "questions": questions}
 
