@@ -49,7 +49,9 @@ class EventBase(BaseModel):
 
 
 class RunStarted(EventBase):
-    """The worker is up and has read its config."""
+    """The worker is up and has read its config. `world_size` is the number of processes training
+    the run together (torchrun ranks; 1 for a plain run) and `devices` each rank's device, in rank
+    order; `device` is rank 0's."""
 
     type: Literal["run_started"] = "run_started"
     pid: int
@@ -58,6 +60,8 @@ class RunStarted(EventBase):
     backend: str | None = None
     device: str | None = None
     total_steps: int | None = None
+    world_size: int = 1
+    devices: list[str] = Field(default_factory=list)
 
 
 class Status(EventBase):

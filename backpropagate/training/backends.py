@@ -61,6 +61,11 @@ def pick_device(config: RunConfig) -> Any:
             "device='cuda' was asked for but torch sees no CUDA GPU "
             f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'}).",
         )
+    from backpropagate.training import distributed
+
+    if distributed.is_initialized():
+        # A rank of a group trains on its own GPU (cuda:LOCAL_RANK) under NCCL, on the CPU under gloo.
+        return torch.device(distributed.device_name())
     if config.device == "cpu" or config.gpus == 0 or not has_cuda:
         return torch.device("cpu")
     return torch.device("cuda", 0)

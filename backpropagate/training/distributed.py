@@ -149,6 +149,18 @@ def sum_ranks(value: float) -> float:
     return _reduce(value, "SUM")
 
 
+def sum_each(values: Sequence[float]) -> list[float]:
+    """Each of ``values`` summed over the ranks, in one collective (a step's loss and metric sums)."""
+    if not is_initialized():
+        return [float(v) for v in values]
+    import torch
+    import torch.distributed as dist
+
+    tensor = torch.tensor([float(v) for v in values], dtype=torch.float64, device=_where())
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return [float(v) for v in tensor.tolist()]
+
+
 def broadcast(obj: T, src: int = 0) -> T:
     """Rank ``src``'s ``obj`` on every rank (a decision taken once: the new micro-batch size, ...)."""
     if not is_initialized():
@@ -169,6 +181,81 @@ def gather(obj: T) -> list[T]:
     out: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+# Gradients travel in flat buckets of about this size: few collectives, bounded extra memory.
+BUCKET_BYTES = 64 * 2**20
+
+
+def _where() -> Any:
+    """Where a collective's small tensors live: the rank's GPU under NCCL, else the CPU."""
+    import torch.distributed as dist
+
+    if dist.get_backend() == "nccl":
+        import torch
+
+        return torch.device("cuda", torch.cuda.current_device())
+    return "cpu"
+
+
+def sum_gradients(params: Sequence[Any], bucket_bytes: int = BUCKET_BYTES) -> None:
+    """Replace each parameter's ``.grad`` by its sum over the ranks (a no-op in a plain process).
+
+    Called once per optimizer step, after every backward pass of the step on every rank (unlike
+    DDP, which reduces inside the last backward): a rank that ran out of memory mid-step has then
+    already told the group, and no rank is left waiting inside a gradient exchange. A parameter
+    that got a gradient on some ranks only counts as zero on the others; one that got none
+    anywhere keeps ``grad=None``, as in a one-process step (the optimizer skips it).
+    """
+    if not is_initialized():
+        return
+    import torch
+    import torch.distributed as dist
+
+    params = [p for p in params if p.requires_grad]
+    if not params:
+        return
+    present = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=_where())
+    dist.all_reduce(present, op=dist.ReduceOp.MAX)
+    used = [p for p, flag in zip(params, present.tolist(), strict=True) if flag > 0]
+    for p in used:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    for bucket in _buckets(used, bucket_bytes):
+        flat = torch.cat([p.grad.reshape(-1) for p in bucket])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        offset = 0
+        for p in bucket:
+            n = p.grad.numel()
+            p.grad.copy_(flat[offset : offset + n].view_as(p.grad))
+            offset += n
+
+
+def _buckets(params: list[Any], bucket_bytes: int) -> list[list[Any]]:
+    """Consecutive parameters of one device and dtype, up to ``bucket_bytes`` of gradient each."""
+    out: list[list[Any]] = []
+    size, key = 0, None
+    for p in params:
+        nbytes = p.grad.numel() * p.grad.element_size()
+        this = (p.grad.device, p.grad.dtype)
+        if not out or this != key or size + nbytes > bucket_bytes:
+            out.append([])
+            size, key = 0, this
+        out[-1].append(p)
+        size += nbytes
+    return out
+
+
+def broadcast_parameters(params: Sequence[Any], src: int = 0) -> None:
+    """Rank ``src``'s values of ``params`` on every rank: the group starts from one set of weights."""
+    if not is_initialized():
+        return
+    import torch
+    import torch.distributed as dist
+
+    with torch.no_grad():
+        for p in params:
+            dist.broadcast(p.data, src=src)
 
 
 def barrier() -> None:

@@ -8,10 +8,18 @@ a fixed list of examples, so a failed step can be redone from its start with a s
 and the same effective batch; (3) events: every step, eval and checkpoint is reported as it
 happens. Loss is normalised by the loss-carrying tokens of the whole optimizer step
 (``num_items_in_batch``), so how a step is split into micro-batches does not change its gradient.
+
+Under torchrun every rank runs this same recipe, data-parallel (docs/scaling.md): each rank takes
+the same optimizer step's examples and trains its own shard of them; the gradients are summed
+over the ranks once every rank's backward passes are done, so the step is the one-process step
+and a rank out of memory can make the whole group redo it with a smaller micro-batch. Rank 0
+alone evaluates and writes checkpoints and the adapter; the decisions (stop, pause, micro-batch)
+are taken together at step boundaries.
 """
 
 from __future__ import annotations
 
+import base64
 import gc
 import math
 import os
@@ -39,6 +47,7 @@ from backpropagate.events import (
 )
 from backpropagate.logs import get_logger
 from backpropagate.training import checkpoints as ckpt
+from backpropagate.training import distributed as d
 from backpropagate.training.backends import (
     LoadedModel,
     check_machine,
@@ -54,11 +63,12 @@ from backpropagate.training.data_order import DataOrder, DataPosition, label_tok
 from backpropagate.training.evaluation import evaluate, to_device
 from backpropagate.training.faults import FaultInjector
 from backpropagate.training.optim import build_optimizer, build_scheduler, choose_micro_batch, total_steps
-from backpropagate.training.preference_step import MetricMean, PreferenceLoss, evaluate_preference
+from backpropagate.training.preference_step import STEP_METRICS, PreferenceLoss, evaluate_preference
 from backpropagate.training.result import TrainResult
 
 Emit = Callable[[EventBase], None]
 MAX_OOM_RETRIES_AT_MIN = 3
+PAUSE_POLL_S = 0.5  # how often a paused group asks its ranks whether to go on
 
 
 @dataclass
@@ -73,6 +83,7 @@ class TrainState:
     tokens_seen: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
     eval_history: list[dict[str, Any]] = field(default_factory=list)
+    rank_rng: list[dict[str, str]] | None = None  # every rank's RNG, in a group (rank 0's is rng.pt too)
 
     def to_json(self, run_id: str, seed: int) -> dict[str, Any]:
         return {
@@ -86,6 +97,7 @@ class TrainState:
             "tokens_seen": self.tokens_seen,
             "history": self.history,
             "eval_history": self.eval_history,
+            **({"rank_rng": self.rank_rng} if self.rank_rng else {}),
         }
 
     @classmethod
@@ -99,6 +111,7 @@ class TrainState:
             tokens_seen=data.get("tokens_seen", 0),
             history=data.get("history", []),
             eval_history=data.get("eval_history", []),
+            rank_rng=data.get("rank_rng"),
         )
 
     @property
@@ -152,13 +165,16 @@ def run_training(
     started = time.time()
     try:
         run = setup(config, run_dir, emit, control or RunControl())
-        monitor = _start_monitor(config, emit, run.control)
+        # One monitor per machine watches all of its GPUs; a hot one pauses the group (fit()).
+        monitor = _start_monitor(config, emit, run.control) if d.local_rank() == 0 else None
         try:
             result = fit(run)
         finally:
             if monitor is not None:
                 monitor.stop()
-        if result.status == "completed":
+        # Rank 0 writes the adapter; the others are done (a barrier here could time out on a
+        # large full model's save and take rank 0 down with it).
+        if result.status == "completed" and d.is_main():
             save(run, result, started)
         return result
     except torch.cuda.OutOfMemoryError as exc:  # outside a training step: loading, evaluation
@@ -187,7 +203,10 @@ def setup(config: RunConfig, run_dir: Path, emit: Emit, control: RunControl) -> 
     log.info("data: %d train / %d eval examples", len(data.train), len(data.eval))
     _check_objective(config, data.stats.formats)
 
-    micro_batch, checkpointing = choose_micro_batch(config, model_path, device, log)
+    # `auto` is measured on rank 0's GPU and used by every rank: one micro-batch for the group.
+    micro_batch, checkpointing = d.broadcast(
+        choose_micro_batch(config, model_path, device, log) if d.is_main() else None
+    )
     if config.objective != "sft":
         # Unsloth's fast forward skips the logits in training unless asked; the preference losses need them.
         os.environ.setdefault("UNSLOTH_RETURN_LOGITS", "1")
@@ -234,6 +253,10 @@ def setup(config: RunConfig, run_dir: Path, emit: Emit, control: RunControl) -> 
     if config.objective != "sft":
         run.preference = PreferenceLoss(config, run.collate, loaded.device, run.mask_dtype, loaded.autocast)
     _restore(run, log)
+    if d.is_initialized():
+        # Same seed, same weights already; the broadcast makes sure of it (rank 0's are the truth).
+        d.broadcast_parameters([p for p in loaded.model.parameters() if p.requires_grad])
+    devices = d.gather(str(device))
     emit(
         RunStarted(
             pid=os.getpid(),
@@ -242,6 +265,8 @@ def setup(config: RunConfig, run_dir: Path, emit: Emit, control: RunControl) -> 
             backend=loaded.backend,
             device=str(device),
             total_steps=steps,
+            world_size=d.world_size(),
+            devices=devices,
         )
     )
     return run
@@ -263,12 +288,30 @@ def _check_objective(config: RunConfig, formats: dict[str, str]) -> None:
 
 
 def _restore(run: Run, log: Any) -> None:
-    """Continue from the newest checkpoint that verifies; report (and skip) broken newer ones."""
-    loaded, skipped = ckpt.load_latest_checkpoint(run.ckpt_root)
-    for err in skipped:
-        log.warning("%s", err.message)
-        run.emit(Warning_(code=str(err.code), message=err.message, hint=err.hint))
+    """Continue from the newest checkpoint that verifies; report (and skip) broken newer ones.
+
+    In a group rank 0 picks the checkpoint (and clears unfinished ones) first; every rank then
+    reads that one from the shared run folder.
+    """
+    loaded = None
+    if d.is_main():
+        loaded, skipped = ckpt.load_latest_checkpoint(run.ckpt_root)
+        for err in skipped:
+            log.warning("%s", err.message)
+            run.emit(Warning_(code=str(err.code), message=err.message, hint=err.hint))
+    chosen = d.broadcast(str(loaded.path) if loaded is not None else None)
+    if not d.is_main() and chosen is not None:
+        loaded, _ = ckpt.load_latest_checkpoint(run.ckpt_root)
+        if loaded is None or str(loaded.path) != chosen:
+            raise BackpropError(
+                ErrorCode.STATE_CHECKPOINT_INVALID,
+                f"Rank {d.rank()} does not find the checkpoint {chosen} that rank 0 resumes from "
+                f"(it found {loaded.path if loaded else 'none'}).",
+                hint="Every machine of the group must see the same run folder (docs/scaling.md).",
+                path=chosen,
+            )
     if loaded is None:
+        _seed_rank(run.config.seed, 0)
         return
     ckpt.apply_weights(run.loaded.model, loaded.weights)
     run.optimizer.load_state_dict(loaded.optimizer)
@@ -277,8 +320,44 @@ def _restore(run: Run, log: Any) -> None:
         run.scaler.load_state_dict(loaded.scheduler["scaler"])
     run.state = TrainState.from_json(loaded.state)
     ckpt.restore_rng(loaded.rng)
+    mine = run.state.rank_rng
+    if mine and len(mine) == d.world_size():
+        _set_rank_rng(mine[d.rank()])
+    else:  # a group resuming a one-process checkpoint (or the reverse): fresh streams per rank
+        _seed_rank(run.config.seed, run.state.step)
     run.resumed_from_step = run.state.step
     log.info("resumed from %s (step %d)", loaded.path, run.state.step)
+
+
+def _seed_rank(seed: int, step: int) -> None:
+    """Ranks after the first draw their own dropout masks (rank 0 keeps the one-process stream)."""
+    if d.rank() == 0:
+        return
+    import numpy as np
+    import torch
+
+    torch.manual_seed(int(np.random.default_rng([seed, d.rank(), step]).integers(2**62)))
+
+
+def _rank_rng() -> dict[str, str]:
+    """This rank's torch RNG states, as text for state.json (rank 0's are in rng.pt as well)."""
+    import torch
+
+    out = {"torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}
+    if torch.cuda.is_available():
+        out["cuda"] = base64.b64encode(torch.cuda.get_rng_state().numpy().tobytes()).decode()
+    return out
+
+
+def _set_rank_rng(saved: dict[str, str]) -> None:
+    import torch
+
+    def tensor(text: str) -> Any:
+        return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
+
+    torch.set_rng_state(tensor(saved["torch"]))
+    if "cuda" in saved and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensor(saved["cuda"]))
 
 
 # 2. Fit: optimizer steps until done or stopped -----------------------------------------------------
@@ -290,9 +369,7 @@ def fit(run: Run) -> TrainResult:
 
     while state.step < run.total_steps:
         # Between optimizer steps only: a step is never cut in half.
-        if not control.stop_requested:
-            control.wait_while_paused()
-        if control.stop_requested:
+        if _hold(control):
             return _stop(run)
 
         step = state.step + 1
@@ -330,6 +407,21 @@ def fit(run: Run) -> TrainResult:
     return _result(run, "completed")
 
 
+def _hold(control: RunControl) -> bool:
+    """Wait while paused; whether to stop now. In a group the ranks decide together: one rank's
+    stop stops all of them at the same step, and one hot GPU pauses every rank."""
+    if not d.is_initialized():
+        if not control.stop_requested:
+            control.wait_while_paused()
+        return control.stop_requested
+    while True:  # every rank runs the same collectives, in the same order, until they agree
+        if d.any_rank(control.stop_requested):
+            return True
+        if not d.any_rank(control.paused):
+            return False
+        time.sleep(PAUSE_POLL_S)
+
+
 def _result(
     run: Run, status: Literal["completed", "cancelled"], checkpoint: Path | None = None
 ) -> TrainResult:
@@ -365,7 +457,8 @@ StepOutcome = tuple[float, float, float, dict[str, float]]  # loss, grad norm, l
 
 
 def _optimizer_step(run: Run, step: int, examples: list[dict[str, Any]]) -> StepOutcome:
-    """One optimizer step over ``examples``; on OOM, shrink the micro-batch and redo it from its start."""
+    """One optimizer step over ``examples``; on OOM (on any rank), shrink the micro-batch and redo
+    it from its start (every rank together)."""
     import torch
 
     state, config = run.state, run.config
@@ -388,8 +481,10 @@ def _optimizer_step(run: Run, step: int, examples: list[dict[str, Any]]) -> Step
                 ) from exc
             old = state.micro_batch
             if old > 1:
-                state.micro_batch = old // 2
-                state.grad_accum = math.ceil(state.effective_batch / state.micro_batch)
+                # Every rank computes the same; rank 0's answer is the group's all the same.
+                state.micro_batch, state.grad_accum = d.broadcast(
+                    (old // 2, math.ceil(state.effective_batch / (old // 2)))
+                )
             else:
                 retries_at_min += 1
                 if retries_at_min > MAX_OOM_RETRIES_AT_MIN:
@@ -418,50 +513,91 @@ def _optimizer_step(run: Run, step: int, examples: list[dict[str, Any]]) -> Step
 
 
 def _accumulate_and_step(run: Run, step: int, examples: list[dict[str, Any]]) -> StepOutcome:
+    """One optimizer step over ``examples`` (the whole step's, the same list on every rank)."""
     import torch
 
     model, optimizer, scaler = run.loaded.model, run.optimizer, run.scaler
     device = run.loaded.device
     if run.preference is None:
-        # Every micro-batch's loss is a sum divided by the step's token count: their sum is the step's mean.
+        # Every micro-batch's loss is a sum divided by the step's token count (over all ranks):
+        # their sum, over the micro-batches of every rank, is the step's mean.
         n_items = torch.tensor(max(1, sum(label_tokens(ex) for ex in examples)), device=device)
     step_loss = torch.zeros((), device=device)
-    metrics = MetricMean()
-    for i, chunk in enumerate(split_micro_batches(examples, run.state.micro_batch)):
-        if run.preference is not None:
-            # A preference loss is a mean over rows: weighted by its share, the chunks sum to the step's mean.
-            out = run.preference(model, chunk)
-            loss = out.loss * (len(chunk) / len(examples))
-            metrics.add(out.metrics, len(chunk))
-        else:
-            batch = to_device(run.collate(chunk), device, run.mask_dtype)
-            with run.loaded.autocast():
-                # No KV cache in training: it costs memory and hides packed-example boundaries.
-                loss = model(**batch, num_items_in_batch=n_items, use_cache=False).loss
-        (scaler.scale(loss) if scaler is not None else loss).backward()
-        step_loss += loss.detach().float()
-        if i == 0:
-            run.faults.maybe_oom(step)
+    sums: dict[str, float] = {}  # row-weighted metric sums and their rows, summed over ranks below
+    rows: dict[str, int] = {}
+    oom: torch.cuda.OutOfMemoryError | None = None
+    try:
+        # This rank's shard of the step; its gradients accumulate locally, without communication.
+        for i, chunk in enumerate(split_micro_batches(d.shard(examples), run.state.micro_batch)):
+            if run.preference is not None:
+                # A preference loss is a mean over rows: weighted by its share, the chunks sum to the step's mean.
+                out = run.preference(model, chunk)
+                loss = out.loss * (len(chunk) / len(examples))
+                for key, value in out.metrics.items():
+                    if key in STEP_METRICS:
+                        sums[key] = sums.get(key, 0.0) + value * len(chunk)
+                        rows[key] = rows.get(key, 0) + len(chunk)
+            else:
+                batch = to_device(run.collate(chunk), device, run.mask_dtype)
+                with run.loaded.autocast():
+                    # No KV cache in training: it costs memory and hides packed-example boundaries.
+                    loss = model(**batch, num_items_in_batch=n_items, use_cache=False).loss
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+            step_loss += loss.detach().float()
+            if i == 0:
+                run.faults.maybe_oom(step)
+    except torch.cuda.OutOfMemoryError as exc:
+        oom = exc
+    # The group agrees before any gradient is exchanged: one rank out of memory makes every rank
+    # redo the step with a smaller micro-batch, and no rank waits inside a collective meanwhile.
+    if d.any_rank(oom is not None):
+        raise oom or torch.cuda.OutOfMemoryError("out of memory on another rank of the group")
 
     params = [p for g in optimizer.param_groups for p in g["params"]]
+    d.sum_gradients(params)  # now every rank holds the one-process step's gradient
     if scaler is not None:
         scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, run.config.max_grad_norm)
     lr = optimizer.param_groups[0]["lr"]
-    if scaler is not None:
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        optimizer.step()
+    try:
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+    except torch.cuda.OutOfMemoryError as exc:
+        if d.is_initialized():
+            # Some ranks may have stepped: their weights differ now, so the group cannot redo it.
+            raise BackpropError(
+                ErrorCode.RUNTIME_GPU_OOM,
+                f"Out of memory in the optimizer step {step} on rank {d.rank()}: {exc}",
+                hint="Resume the run from its last checkpoint with a smaller batch_size or "
+                "optimizer='adamw_8bit'.",
+            ) from exc
+        raise
     run.scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return float(step_loss), float(grad_norm), float(lr), metrics.means()
+    # The step's loss and metrics over the whole group, in one collective.
+    n = len(STEP_METRICS)
+    totals = d.sum_each(
+        [float(step_loss), *(sums.get(k, 0.0) for k in STEP_METRICS), *(rows.get(k, 0) for k in STEP_METRICS)]
+    )
+    metrics = {k: totals[1 + j] / totals[1 + n + j] for j, k in enumerate(STEP_METRICS) if totals[1 + n + j]}
+    return totals[0], float(grad_norm), float(lr), metrics
 
 
 def _evaluate(run: Run, step: int) -> None:
-    """Evaluate on the held-out split; a failure is reported and training goes on."""
+    """Evaluate on the held-out split (rank 0; the others wait for its result); a failure is
+    reported and training goes on."""
     if not run.eval:
         return
+    entry = d.broadcast(_evaluate_here(run, step) if d.is_main() else None)
+    if entry is not None:  # every rank keeps the same history: it decides the final evaluation
+        run.state.eval_history.append(entry)
+        run.emit(Eval(**entry))
+
+
+def _evaluate_here(run: Run, step: int) -> dict[str, Any] | None:
     metrics: dict[str, float] = {}
     try:
         run.faults.maybe_fail_eval(step)
@@ -486,12 +622,11 @@ def _evaluate(run: Run, step: int) -> None:
         message = f"Evaluation at step {step} failed ({type(exc).__name__}: {exc}); training continues"
         get_logger(__name__, run_id=run.run_id).warning(message)
         run.emit(Warning_(code=str(ErrorCode.RUNTIME_TRAINING_FAILED), message=message))
-        return
+        return None
     finally:
         # evaluate() restores train mode itself; this also covers a failure before it started.
         run.loaded.model.train()
-    run.state.eval_history.append({"step": step, "loss": loss, "perplexity": ppl, **metrics})
-    run.emit(Eval(step=step, loss=loss, perplexity=ppl, **metrics))
+    return {"step": step, "loss": loss, "perplexity": ppl, **metrics}
 
 
 def _is_oom(exc: BaseException) -> bool:
@@ -501,6 +636,16 @@ def _is_oom(exc: BaseException) -> bool:
 
 
 def _checkpoint(run: Run) -> ckpt.SavedCheckpoint:
+    """Write a checkpoint (rank 0, with every rank's RNG); every rank returns once it is written,
+    so none runs ahead of a checkpoint it may have to resume from."""
+    state = run.state
+    if d.is_initialized():
+        state.rank_rng = d.gather(_rank_rng())
+    saved = _write_checkpoint(run) if d.is_main() else None
+    return d.broadcast(saved)
+
+
+def _write_checkpoint(run: Run) -> ckpt.SavedCheckpoint:
     state = run.state
     last_eval = state.eval_history[-1] if state.eval_history else None
     eval_loss = last_eval["loss"] if last_eval and last_eval["step"] == state.step else None
@@ -592,5 +737,8 @@ def _start_monitor(config: RunConfig, emit: Emit, control: RunControl) -> Any:
 
     return start_monitor(config, emit, control)
 
+
+# The worker joins torchrun's process group before calling us (docs/scaling.md).
+run_training.data_parallel = True  # type: ignore[attr-defined]
 
 __all__ = ["run_training", "TrainResult", "TrainState"]
