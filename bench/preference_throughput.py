@@ -206,7 +206,8 @@ def environment() -> dict:
     return {
         "card": card,
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "commit": commit.stdout.strip() or os.environ.get("BENCH_COMMIT", "?"),
+        # A copy of the tree may carry an older .git: the caller's commit wins when given.
+        "commit": os.environ.get("BENCH_COMMIT") or commit.stdout.strip() or "?",
         "python": platform.python_version(),
         **{k: ver(k) for k in ("torch", "transformers", "peft", "trl", "unsloth")},
     }

@@ -311,3 +311,40 @@ def test_trainer_takes_rows_in_memory_and_keeps_them_with_the_run(home):
         Trainer("demo", objective="dpo").train(["not a row"], steps=1)  # type: ignore[list-item]
     assert info.value.code == ErrorCode.CONFIG_INVALID
     assert set(runs.iterdir()) - before == {result.run_dir}  # the refused call left no run behind
+
+
+def test_lean_log_probs_equal_the_full_logits_path_in_value_and_gradient(pairs_file, home, monkeypatch):
+    """The LM head on response positions only, in checkpointed chunks, is the same function."""
+    import torch
+
+    import backpropagate.training.preference_step as step
+    from backpropagate.data import collate
+    from backpropagate.data.preference import tokenize_pair
+    from backpropagate.training.backends import load_model, load_tokenizer, resolve_model_path
+
+    monkeypatch.setattr(step, "HEAD_CHUNK", 7)  # several chunks, the last one partial
+    config = pref_config(pairs_file, "dpo", lora_dropout=0.0)
+    tokenizer = load_tokenizer(resolve_model_path("demo"))
+    model = load_model(config, lambda e: None, tokenizer=tokenizer).model
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+    rows = [tokenize_pair(p, tokenizer, 64) for p in PAIRS[:3]]
+    seqs = step._sequences(rows, pairwise=True)
+    batch = collate(seqs, pad_id=tokenizer.pad_token_id or 0)
+    labels = batch.pop("labels")
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    def run(fn):
+        model.zero_grad(set_to_none=True)
+        logp, n = fn()
+        (logp * torch.linspace(1, 2, len(logp))).sum().backward()
+        return logp.detach(), n, [p.grad.clone() for p in trainable]
+
+    lean = run(lambda: step.response_logps(model, batch, labels))
+    full = run(lambda: step.sequence_logps(model(**batch, use_cache=False).logits, labels))
+    assert torch.allclose(lean[0], full[0], rtol=1e-5, atol=1e-5)
+    assert torch.equal(lean[1], full[1])
+    for a, b in zip(lean[2], full[2], strict=True):  # float32 sums in another order: ~1e-7 apart
+        assert float((a - b).norm() / b.norm()) < 1e-5
