@@ -1,7 +1,8 @@
-"""The Export and Chat pages in a real browser: a tiny trained run exported to GGUF on the Export page (live
-progress bar, result, a download through the page's own origin, an Ollama registration that fails
-clearly), then its replies streamed on the Chat page in one column, in two columns side by side, and
-next to the run's base model exported from the Chat page."""
+"""The Export and Chat pages in a real browser: a tiny trained run, whose Chat page first points to
+exporting it, exported to GGUF on the Export page (live progress bar, result, a download through the
+page's own origin, an Ollama registration that fails clearly), then its replies streamed on the Chat
+page in one column, in two columns side by side, and next to the run's base model exported from the
+Chat page. Nothing here depends on what earlier browser tests left in the server's home."""
 
 from __future__ import annotations
 
@@ -58,17 +59,18 @@ def _trained_run(ui: Page, base: str) -> str:
     return run["id"]
 
 
-def test_no_export_yet_points_to_the_export_page(ui: Page, ui_server) -> None:  # noqa: ANN001
-    if any(ui_server.home.glob("runs/*/exports/*/*.gguf")):
-        pytest.skip("an earlier browser test already exported a GGUF in this server's home")
-    ui.goto(ui_server.base + "/chat")
-    expect(ui.locator("#chat-no-exports")).to_contain_text("No GGUF export yet", timeout=20000)
-    expect(ui.locator("#chat-export-link")).to_have_attribute("href", "/export")
-
-
 def test_export_shows_progress_then_the_result_and_a_working_download(ui: Page, ui_server) -> None:  # noqa: ANN001
     run_id = STATE["run"] = _trained_run(ui, ui_server.base)
-    ui.goto(f"{ui_server.base}/export?run={run_id}")
+    # The new run's Chat page says it has no GGUF yet and links to exporting it, whatever
+    # exports other runs in this home may have.
+    ui.goto(f"{ui_server.base}/chat?run={run_id}")
+    expect(ui.locator("#chat-run-no-export")).to_contain_text(
+        "chat e2e has no GGUF export yet", timeout=20000
+    )
+    link = ui.locator("#chat-run-export-link")
+    expect(link).to_have_attribute("href", f"/export?run={run_id}")
+    link.click()
+    ui.wait_for_url(f"**/export?run={run_id}")
     expect(ui.locator("#export-run")).to_contain_text("chat e2e", timeout=20000)
     ui.click("#start-export")  # gguf q8_0, verified: the page's defaults
     expect(ui.locator("#export-progress-bar")).to_be_visible(timeout=20000)
@@ -112,7 +114,7 @@ def test_an_unreachable_ollama_is_a_clear_error_and_earlier_exports_stay_listed(
 
 
 def test_a_trained_runs_gguf_export_answers_streamed(ui: Page, ui_server) -> None:  # noqa: ANN001
-    ui.goto(ui_server.base + "/chat")
+    ui.goto(f"{ui_server.base}/chat?run={STATE['run']}")  # this run's export, whatever else exists
     expect(ui.locator("#chat-model-left")).to_contain_text(STATE["export"], timeout=20000)
     ui.fill("#chat-input", "What is fine-tuning?")
     ui.press("#chat-input", "Enter")  # Enter sends, as in any chat
@@ -147,7 +149,7 @@ def test_two_models_answer_the_same_conversation(ui: Page) -> None:
 
 
 def test_the_base_model_answers_next_to_the_export_on_the_chat_page(ui: Page, ui_server) -> None:  # noqa: ANN001
-    ui.goto(ui_server.base + "/chat")
+    ui.goto(f"{ui_server.base}/chat?run={STATE['run']}")  # this run's export, whatever else exists
     expect(ui.locator("#chat-model-left")).to_contain_text("chat e2e · q8_0", timeout=20000)
     ui.click("#chat-base-export")
     right = ui.locator("#chat-model-right")

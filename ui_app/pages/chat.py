@@ -94,6 +94,36 @@ def chat_page() -> rx.Component:
     return page(
         "Chat",
         rx.cond(
+            s.extra_command != "",
+            rx.callout.root(
+                rx.callout.icon(rx.icon("info")),
+                rx.callout.text(
+                    "Chatting runs the GGUF in llama.cpp's server, from llama-cpp-python (the export "
+                    "extra), which this install does not have. Add it, then restart the app:"
+                ),
+                rx.code(
+                    s.extra_command, id="chat-extra-command", white_space="pre-wrap", word_break="break-all"
+                ),
+                color_scheme="amber",
+                id="chat-extra-missing",
+                margin_bottom="1em",
+            ),
+        ),
+        rx.cond(
+            s.asked_run != "",
+            rx.callout(
+                rx.text(
+                    s.asked_run_name,
+                    " has no GGUF export yet: chatting needs one. ",
+                    rx.link("Export this run", href="/export?run=" + s.asked_run, id="chat-run-export-link"),
+                    " with format gguf, then come back.",
+                ),
+                icon="info",
+                id="chat-run-no-export",
+                margin_bottom="1em",
+            ),
+        ),
+        rx.cond(
             s.exports.length() > 0,
             rx.box(
                 rx.grid(

@@ -13,7 +13,8 @@ from ui_app.state.export import FORMATS, ExportState
 
 
 def _field(label: str, control: rx.Component) -> rx.Component:
-    return rx.box(rx.el.label(label, display="block"), control)
+    # min_width 0: a long run name shortens (ellipsis) instead of widening the grid past a phone screen
+    return rx.box(rx.el.label(label, display="block"), control, min_width="0")
 
 
 def _form() -> rx.Component:
@@ -23,7 +24,7 @@ def _form() -> rx.Component:
             _field(
                 "Run",
                 rx.select.root(
-                    rx.select.trigger(placeholder="Pick a finished run", id="export-run"),
+                    rx.select.trigger(placeholder="Pick a finished run", id="export-run", width="100%"),
                     rx.select.content(
                         rx.foreach(s.runs, lambda r: rx.select.item(r["label"], value=r["id"]))
                     ),
@@ -64,12 +65,29 @@ def _form() -> rx.Component:
                         "Verify against the original model",
                         checked=s.verify,
                         on_change=ExportState.set_verify,
+                        disabled=~s.have_llama,
                         id="export-verify",
                     ),
                     align="end",
                 ),
                 columns=rx.breakpoints(initial="1", sm="2"),
                 gap="3",
+                margin_top="0.75em",
+            ),
+        ),
+        rx.cond(
+            ~s.have_llama,
+            rx.callout.root(
+                rx.callout.icon(rx.icon("info")),
+                rx.callout.text(
+                    "K-quants (q4_k_m), verification against the original model and the Chat page need "
+                    "llama-cpp-python (the export extra), which this install does not have; f16 and q8_0 "
+                    "work without it. Add it (it needs a C compiler and cmake), then restart the app:"
+                ),
+                rx.code(
+                    s.extra_command, id="export-extra-command", white_space="pre-wrap", word_break="break-all"
+                ),
+                id="export-extra-missing",
                 margin_top="0.75em",
             ),
         ),
@@ -87,7 +105,20 @@ def _downloads(files: rx.Var, export_id: rx.Var) -> rx.Component:
             # A plain <a download> (not rx.link): the client-side router must not take the click.
             lambda f: rx.el.a(
                 rx.button(
-                    rx.icon("download", size=14), f["name"], " (", f["size"], ")", variant="soft", size="1"
+                    rx.icon("download", size=14),
+                    f["name"],
+                    " (",
+                    f["size"],
+                    ")",
+                    variant="soft",
+                    size="1",
+                    # long file names wrap inside the button on a phone instead of spilling out of it
+                    height="auto",
+                    min_height="24px",
+                    padding_y="0.25em",
+                    white_space="normal",
+                    word_break="break-all",
+                    text_align="left",
                 ),
                 href=f["href"],
                 on_click=rx.download(url=f["href"], filename=f["name"]).prevent_default,

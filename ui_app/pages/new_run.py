@@ -7,12 +7,14 @@ errors are RunConfig's own; the page adds no rules of its own.
 from __future__ import annotations
 
 import typing
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
 import reflex as rx
+from pydantic import ValidationError
 
-from backpropagate.config import PRESETS, RunConfig
+from backpropagate.config import DEMO_DEFAULTS, DEMO_STEPS, PRESETS, RunConfig, is_demo_model
 from backpropagate.errors import BackpropError
 from ui_app.components.chat import preview_row
 from ui_app.components.layout import page
@@ -63,12 +65,19 @@ def field_specs() -> list[dict[str, Any]]:
         if name in STEP_FIELDS:
             continue
         choices = _choices(info.annotation)
-        free = any(a in (int, float, str) for a in typing.get_args(info.annotation))
+        # Annotated[int, Field(...)] | Literal[...] is free text too: look through Annotated.
+        args = [
+            typing.get_args(a)[0] if typing.get_origin(a) is typing.Annotated else a
+            for a in typing.get_args(info.annotation)
+        ]
+        free = any(a in (int, float, str) for a in args)
         free = free or typing.get_origin(info.annotation) is list  # several values: comma-separated text
         specs.append(
             {
                 "name": name,
-                "default": "" if info.is_required() else _to_text(info.get_default(call_default_factory=True)),
+                "default": ""
+                if info.is_required()
+                else _to_text(info.get_default(call_default_factory=True)),
                 "choices": [] if free and set(choices) != {"true", "false"} else choices,
                 "help": info.description or "",
             }
@@ -80,16 +89,24 @@ FIELDS = field_specs()
 DEFAULTS = {f["name"]: f["default"] for f in FIELDS}
 
 
-def form_to_config(values: dict[str, str], defaults: dict[str, str] = DEFAULTS) -> dict[str, Any]:
+def form_to_config(
+    values: dict[str, str], defaults: dict[str, str] = DEFAULTS, touched: Collection[str] | None = None
+) -> dict[str, Any]:
     """The RunConfig input from the form: only fields the user changed, typed as RunConfig expects.
 
-    Unchanged fields are left out so that RunConfig's defaults and presets apply.
+    Untouched fields are left out so that RunConfig's defaults, presets and the demo model's
+    sizing apply at submission, exactly as at every other door. With ``touched`` (the fields the
+    user edited) that is the rule; without it, a field equal to its general default counts as
+    untouched.
     """
     out: dict[str, Any] = {}
     for name, text in values.items():
         text = text.strip()
-        if name not in STEP_FIELDS and (text == defaults.get(name, "") or text == ""):
-            continue
+        if name not in STEP_FIELDS:
+            if touched is not None and name not in touched:
+                continue
+            if touched is None and text == defaults.get(name, ""):
+                continue
         if text == "":
             continue
         if text in ("true", "false"):
@@ -108,8 +125,36 @@ def form_to_config(values: dict[str, str], defaults: dict[str, str] = DEFAULTS) 
     return out
 
 
+def shown_values(values: dict[str, str], touched: Collection[str]) -> dict[str, str]:
+    """The form's values with every untouched field showing what a run started now would use.
+
+    RunConfig fills those in (the preset, then the demo model's sizing, then the field defaults),
+    so a demo run shows batch 1 x 1, lr 5e-3 and 150 steps, not the general defaults.
+    """
+    raw = form_to_config(values, touched=touched)
+    raw["data"] = raw.get("data") or "-"  # any name: the defaults do not depend on it
+    config = None
+    for attempt in (raw, {k: v for k, v in raw.items() if k in STEP_FIELDS}):
+        try:
+            config = RunConfig.model_validate(attempt)
+            break
+        except ValidationError:
+            continue  # a touched field does not validate yet: show the rest from the step fields
+    if config is None:
+        return dict(values)
+    filled = config.model_dump()
+    return {
+        **values,
+        **{f["name"]: _to_text(filled[f["name"]]) for f in FIELDS if f["name"] not in touched},
+    }
+
+
+_START_VALUES = {**DEFAULTS, "model": "demo", "method": "lora", "preset": "", "data": ""}
+
+
 class NewRunState(rx.State):
-    values: dict[str, str] = {**DEFAULTS, "model": "demo", "method": "lora", "preset": "", "data": ""}
+    values: dict[str, str] = shown_values(_START_VALUES, ())
+    touched: list[str] = []  # fields the user edited: only these are sent
     data_label: str = ""
     datasets: list[dict[str, str]] = []
     examples: list[str] = []
@@ -144,26 +189,59 @@ class NewRunState(rx.State):
         )
         self._estimate()
 
+    @rx.var
+    def demo_note(self) -> str:
+        """Said under the hyperparameters while a demo model is picked."""
+        if not is_demo_model(self.values.get("model", "")):
+            return ""
+        d = DEMO_DEFAULTS
+        return (
+            f"Demo models train with batch {d['batch_size']} × {d['grad_accum']}, learning rate {d['lr']:g} "
+            f"and {DEMO_STEPS} steps unless you change them; the fields show what this run will use."
+        )
+
+    @rx.var
+    def start_blocked(self) -> str:
+        """Why Start is disabled ("" when a run can start): no data yet, or data that cannot train."""
+        if self.busy:
+            return "Checking the data set…"
+        if not self.values.get("data"):
+            return "Choose a data set above (upload, a previous upload or an example) to start."
+        if self.report.get("ok"):
+            return ""
+        if not self.report.get("rows"):
+            return (
+                "No usable rows in this data set: fix the file as the check above says and upload it again."
+            )
+        if self.values.get("skip_bad_rows") == "true":
+            return ""  # the bad rows are skipped and counted
+        return (
+            "The data check found bad rows (listed above): fix them and upload the file again, "
+            "or set skip_bad_rows to true under Advanced settings to train on the good rows only."
+        )
+
     @rx.event
     def set_value(self, name: str, value: str) -> None:
         self.values[name] = value
         self.problems = []
+        if name not in STEP_FIELDS and name not in self.touched:
+            self.touched.append(name)
+        self.values = shown_values(self.values, self.touched)
         if name in ("model", "method", "max_seq_len", "batch_size", "lora_r", "gradient_checkpointing"):
             self._estimate()
 
     @rx.event
     def apply_preset(self, preset: str) -> None:
         self.values["preset"] = "" if preset == "none" else preset
-        # Show what the preset fills in; RunConfig applies it again on submit.
-        for key, value in PRESETS.get(preset, {}).items():
-            self.values[key] = _to_text(value)
+        # The untouched fields now show what the preset fills in; RunConfig applies it on submit.
+        self.values = shown_values(self.values, self.touched)
         self._estimate()
 
     def _estimate(self) -> None:
         model = self.values.get("model", "")
         try:
             est = service.memory_estimate(
-                model, form_to_config(self.values) | {"method": self.values["method"]}
+                model, form_to_config(self.values, touched=self.values) | {"method": self.values["method"]}
             )
         except Exception:  # noqa: BLE001 - an estimate is a hint; a bad value is reported on submit
             est = None
@@ -212,10 +290,7 @@ class NewRunState(rx.State):
                 "tokens": (report.get("token_stats") or {}).get("p95", ""),
             }
             self.errors = [
-                {
-                    "where": f"{Path(str(e.get('file', ''))).name}:{e.get('line', '')}",
-                    "message": str(e.get("message", "")),
-                }
+                {"where": _where(e, label, path), "message": str(e.get("message", ""))}
                 for e in (report.get("errors") or []) + (report.get("skipped") or [])
             ][:50]
             self.histogram = [
@@ -232,6 +307,8 @@ class NewRunState(rx.State):
             try:
                 row = await service.save_upload(name, f.file, f.size)
             except BackpropError as exc:
+                self.values["data"], self.data_label = "", ""  # nothing usable is picked now
+                self.report, self.preview, self.histogram = {}, [], []
                 self.errors = [{"where": name, "message": f"[{exc.code}] {exc.message}"}]
                 return
             async for _ in self._check(row["stored_path"], name):
@@ -257,7 +334,7 @@ class NewRunState(rx.State):
 
     @rx.event
     async def start(self) -> Any:
-        config = form_to_config(self.values)
+        config = form_to_config(self.values, touched=self.touched)
         try:
             run_id = await service.create_run(config)
         except BackpropError as exc:
@@ -266,6 +343,15 @@ class NewRunState(rx.State):
             )
             return None
         return rx.redirect(f"/runs/{run_id}")
+
+
+def _where(error: dict[str, Any], label: str, path: str) -> str:
+    """Where a data error is, named as the user knows the file (the upload's own name, not the
+    server's copy): ``quick.jsonl, line 3``."""
+    file = str(error.get("file") or "")
+    name = label if not file or Path(file).name == Path(path).name else Path(file).name
+    line = error.get("line")
+    return f"{name}, line {line}" if line else name
 
 
 def _bubbles(row: dict[str, Any]) -> dict[str, Any]:
@@ -391,7 +477,12 @@ def _data_step() -> rx.Component:
                 rx.callout.text(
                     rx.vstack(
                         rx.foreach(
-                            s.errors, lambda e: rx.text(rx.code(e["where"]), " ", e["message"], size="2")
+                            s.errors, lambda e: rx.text(
+                                rx.cond(e["where"] != "", rx.fragment(rx.code(e["where"]), ": ")),
+                                e["message"],
+                                size="2",
+                                class_name="data-error",
+                            )
                         ),
                         spacing="1",
                     )
@@ -455,6 +546,10 @@ def _params_step() -> rx.Component:
     advanced = [f for f in FIELDS if f["name"] not in BASIC_FIELDS]
     return rx.card(
         rx.heading("3. Hyperparameters", size="4", as_="h2"),
+        rx.cond(
+            NewRunState.demo_note != "",
+            rx.text(NewRunState.demo_note, size="2", color_scheme="gray", id="demo-note", margin_y="0.5em"),
+        ),
         rx.grid(
             *[_field_input(f) for f in basic], columns=rx.breakpoints(initial="1", sm="2", md="3"), gap="3"
         ),
@@ -487,9 +582,17 @@ def new_run_page() -> rx.Component:
                 ),
             ),
             rx.hstack(
-                rx.button("Start training", on_click=NewRunState.start, size="3", id="start-run"),
+                rx.button(
+                    "Start training",
+                    on_click=NewRunState.start,
+                    size="3",
+                    id="start-run",
+                    disabled=s.start_blocked != "",
+                ),
+                rx.text(s.start_blocked, size="2", color_scheme="gray", id="start-blocked"),
                 rx.text(s.message, size="2", color_scheme="gray"),
                 align="center",
+                wrap="wrap",
             ),
             spacing="4",
             width="100%",

@@ -228,6 +228,15 @@ def runs_page() -> rx.Component:
             rx.cond(
                 RunsState.runs.length() > 0,
                 rx.box(
+                    # On a phone the table is wider than the screen: say that it scrolls to its actions.
+                    rx.text(
+                        "Swipe the table sideways for more columns and each run's actions →",
+                        size="1",
+                        color_scheme="gray",
+                        display=rx.breakpoints(initial="block", md="none"),
+                        id="runs-scroll-hint",
+                        margin_bottom="0.25em",
+                    ),
                     rx.table.root(
                         rx.table.header(
                             rx.table.row(

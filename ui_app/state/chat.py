@@ -108,6 +108,9 @@ class ChatState(rx.State):
     base_stage: str = ""
     base_percent: int = 0
     base_error: str = ""
+    asked_run: str = ""  # /chat?run=ID for a run without a GGUF export
+    extra_command: str = ""  # how to add llama-cpp-python (the chat's model server) when it is missing
+    asked_run_name: str = ""
 
     @rx.var
     def two(self) -> bool:
@@ -127,6 +130,9 @@ class ChatState(rx.State):
 
     async def _load_choices(self) -> None:
         self.error = ""
+        from backpropagate.extras import install_command, llama_cpp_installed
+
+        self.extra_command = "" if llama_cpp_installed() else install_command("export")
         try:
             runs = await service.list_runs()
             jobs = export_jobs()
@@ -142,6 +148,9 @@ class ChatState(rx.State):
         ids = {e["id"] for e in self.exports}
         wanted = self.router.url.query_parameters.get("run", "")  # /chat?run=ID from a run's page
         of_run = [e["id"] for e in self.exports if e.get("run_id") == wanted]
+        # A run that has no GGUF yet: say so and link to exporting that run, whatever else exists.
+        self.asked_run = wanted if wanted in names and not of_run else ""
+        self.asked_run_name = names.get(self.asked_run, "")
         if wanted and of_run:
             self.left_id = of_run[0]
         elif self.left_id not in ids:

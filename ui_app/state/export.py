@@ -14,6 +14,7 @@ from urllib.parse import quote
 import reflex as rx
 
 from backpropagate.errors import BackpropError
+from backpropagate.runs.exports import EXPORTABLE_STATUSES
 from ui_app.state import service
 
 FORMATS = ["gguf", "merged", "adapter"]
@@ -28,6 +29,12 @@ STAGE_NAMES = {
     "ollama": "Registering with Ollama",
 }
 _local_jobs: Any = None
+
+
+def quantizations(fmt: str, have_llama: bool) -> list[str]:
+    """The choices for ``fmt``; without llama-cpp-python, none of the K-quants (they need llama.cpp)."""
+    choices = QUANTIZATIONS.get(fmt, ["-"])
+    return choices if have_llama else [q for q in choices if "_k" not in q]
 
 
 def _api_state() -> Any:
@@ -165,10 +172,12 @@ class ExportState(rx.State):
     polling: bool = False
     error: str = ""
     hint: str = ""
+    have_llama: bool = True  # llama-cpp-python (the export extra): K-quants, verification, chat
+    extra_command: str = ""  # how to add it, when it is missing
 
     @rx.var
     def quant_choices(self) -> list[str]:
-        return QUANTIZATIONS.get(self.fmt, ["-"])
+        return quantizations(self.fmt, self.have_llama)
 
     @rx.var
     def current(self) -> dict[str, Any]:
@@ -188,12 +197,20 @@ class ExportState(rx.State):
     @rx.event
     async def load(self) -> Any:
         self.error, self.hint = "", ""
+        from backpropagate.extras import install_command, llama_cpp_installed
+
+        self.have_llama = llama_cpp_installed()
+        self.extra_command = "" if self.have_llama else install_command("export")
+        if not self.have_llama:
+            self.verify = False  # it would be skipped: say so instead of a ticked box that does nothing
+            self.quantization = quantizations(self.fmt, False)[0]
         try:
             rows = await service.list_runs()
         except BackpropError as exc:
             self._fail(exc)
             return None
-        done = [r for r in rows if r.get("status") in ("completed", "cancelled")]
+        # Completed runs export their adapter, stopped and interrupted ones their last checkpoint.
+        done = [r for r in rows if r.get("status") in EXPORTABLE_STATUSES]
         done.sort(key=lambda r: r.get("created_at") or 0, reverse=True)
         self.runs = [{"id": r["id"], "label": f"{r.get('name') or r['id']} ({r['id']})"} for r in done]
         wanted = self.router.url.query_parameters.get("run", "")
@@ -220,7 +237,7 @@ class ExportState(rx.State):
     @rx.event
     def set_fmt(self, value: str) -> None:
         self.fmt = value
-        self.quantization = QUANTIZATIONS[value][0]
+        self.quantization = quantizations(value, self.have_llama)[0]
 
     @rx.event
     def set_quantization(self, value: str) -> None:
