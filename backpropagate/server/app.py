@@ -144,34 +144,6 @@ def create_app(
     return app
 
 
-class ForeignOriginCheck:
-    """Refuse requests and WebSockets that a page on another site sent (CSRF, CSWSH).
-
-    For the headless API: clients without an Origin (curl, the CLI, scripts) pass, since browsers
-    always send one on cross-site POSTs and WebSocket upgrades.
-    """
-
-    def __init__(self, app: Any) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        from backpropagate.server.security.asgi import GUARDED, header, refuse
-        from backpropagate.server.security.origin import same_origin
-
-        if scope["type"] in GUARDED:
-            origin = header(scope, "origin")
-            if origin is not None and not same_origin(origin, header(scope, "host")):
-                return await refuse(scope, receive, send, ErrorCode.AUTH_ORIGIN_FORBIDDEN)
-        await self.app(scope, receive, send)
-
-
-def headless_app(settings: Settings | None = None) -> Any:
-    """The API for `backprop serve-api`: loopback Host names only, no cross-site requests."""
-    from backpropagate.server.security.hosts import HostAllowlist
-
-    return HostAllowlist(ForeignOriginCheck(create_app(settings)), [])
-
-
 def app_from_env() -> FastAPI:
     """Factory for ``uvicorn --factory backpropagate.server.app:app_from_env``."""
     return create_app()
