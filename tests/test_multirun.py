@@ -146,3 +146,17 @@ def test_next_run_starts_from_a_sign_corrected_orthogonal_basis_of_a():
         assert (np.diag(a @ q_t.T) > 0).all()  # sign-corrected: each row points along A's
     for key in ("m.q.lora_B.weight", "m.v.lora_B.weight"):
         assert init[key].equal(merged[key])  # B carries over unchanged
+
+
+def test_api_refuses_an_initial_adapter_outside_the_allowed_folders(isolated_home):
+    from fastapi.testclient import TestClient
+
+    from backpropagate.server.app import create_app
+
+    with TestClient(create_app(gpu_indices=[])) as client:
+        body = {"model": "demo", "data": "examples/quickstart.jsonl", "init_adapter": "/etc"}
+        refused = client.post("/api/runs", json=body)
+        assert refused.status_code == 403 and refused.json()["code"] == "INPUT_PATH_TRAVERSAL", refused.text
+        bad = client.post("/api/runs", json={**body, "init_adapter": None, "multi_run": {"num_runs": 0}})
+        assert bad.status_code == 422 and bad.json()["code"] == "CONFIG_INVALID"
+        assert "multi_run.num_runs" in bad.json()["message"]

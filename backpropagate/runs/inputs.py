@@ -92,6 +92,10 @@ def check_run_inputs(config: RunConfig, settings: Settings, store: Store) -> Run
         update["eval_data"] = resolve_data(config.eval_data, settings, store)
     if config.output_dir:
         update["output_dir"] = str(check_output_dir(config.output_dir))
+    if config.init_adapter:  # the worker reads an adapter there: a folder inside the model bases
+        update["init_adapter"] = str(
+            _resolve_in(config.init_adapter, model_bases(settings) + [settings.models_dir])
+        )
     return config.model_copy(update=update)
 
 
