@@ -142,8 +142,3 @@ def create_app(
             app.include_router(module.router, prefix="/api")
     app.include_router(ws.router, prefix="/api")
     return app
-
-
-def app_from_env() -> FastAPI:
-    """Factory for ``uvicorn --factory backpropagate.server.app:app_from_env``."""
-    return create_app()
