@@ -1,7 +1,11 @@
 """The run store: SQLModel tables for runs, checkpoints, exports and uploaded data sets.
 
-SQLite (WAL) under BACKPROPAGATE_HOME by default, any SQLAlchemy URL through BACKPROPAGATE_DB_URL.
-It is a cache of the event logs: ``reindex`` rebuilds runs and checkpoints from ``runs/<id>/``.
+SQLite (WAL) under BACKPROPAGATE_HOME by default, any SQLAlchemy URL through BACKPROPAGATE_DB_URL
+(PostgreSQL with the ``postgres`` extra: several servers may share one database). Writes that read
+the row first lock it (``SELECT ... FOR UPDATE`` where the database has it), and the schema is
+migrated under a database-wide lock, so two processes never fold the same event twice or race a
+migration. It is a cache of the event logs: ``reindex`` rebuilds runs and checkpoints from
+``runs/<id>/``.
 """
 
 from __future__ import annotations
@@ -115,6 +119,22 @@ MIGRATIONS: dict[int, list[str]] = {
     2: ["ALTER TABLE runs ADD COLUMN queued_reason VARCHAR"],
 }
 _ADD_COLUMN = re.compile(r"ALTER TABLE (\w+) ADD COLUMN (\w+)", re.I)
+_MIGRATION_LOCK_KEY = 0x6270726F70  # "bprop": the advisory lock that serializes migrations
+
+
+def normalize_url(url: str) -> str:
+    """``postgres://`` and ``postgresql://`` as people paste them, on the driver that is installed.
+
+    SQLAlchemy reads a bare ``postgresql://`` as psycopg2; the ``postgres`` extra installs psycopg 3.
+    """
+    scheme, sep, rest = url.partition("://")
+    if sep and scheme in ("postgres", "postgresql"):
+        try:
+            import psycopg2  # noqa: F401
+        except ImportError:
+            return f"postgresql+psycopg://{rest}"
+        return f"postgresql://{rest}"
+    return url
 
 
 def apply_event(run: Run, event: EventBase) -> CheckpointRow | None:
@@ -172,6 +192,7 @@ class Store:
     """Synchronous access to the tables; the server calls it from worker threads."""
 
     def __init__(self, url: str) -> None:
+        url = normalize_url(url)
         self.url = url
         kwargs: dict[str, Any] = {}
         if url.startswith("sqlite"):
@@ -179,13 +200,37 @@ class Store:
             if path and path != ":memory:":
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
             kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
-        self.engine = create_engine(url, **kwargs)
+        else:
+            kwargs["pool_pre_ping"] = True  # a database server restarted under us: reconnect
+        try:
+            self.engine = create_engine(url, **kwargs)
+        except ModuleNotFoundError as exc:
+            raise BackpropError(
+                ErrorCode.DEP_EXTRA_MISSING,
+                f"The database driver {exc.name!r} for BACKPROPAGATE_DB_URL is not installed.",
+                hint="For PostgreSQL: pip install -e '.[postgres]' (psycopg 3), "
+                "and write the URL as postgresql+psycopg://user:password@host/db.",
+            ) from None
         if url.startswith("sqlite"):
             sa_event.listen(self.engine, "connect", _sqlite_pragmas)
         self.migrate()
 
     # Schema -------------------------------------------------------------------
     def migrate(self) -> int:
+        with self.engine.connect() as con:
+            if self.engine.dialect.name == "postgresql":
+                # Two servers starting on one new database would race CREATE TABLE (and the
+                # version rows); the lock is the database's, released with this connection.
+                con.execute(text("SELECT pg_advisory_lock(:key)"), {"key": _MIGRATION_LOCK_KEY})
+            try:
+                self._migrate()
+            finally:
+                if self.engine.dialect.name == "postgresql":
+                    con.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": _MIGRATION_LOCK_KEY})
+                    con.commit()
+        return self.schema_version()
+
+    def _migrate(self) -> None:
         SQLModel.metadata.create_all(self.engine)
         with Session(self.engine) as s:
             have = {row.version for row in s.exec(select(SchemaVersion))}
@@ -199,7 +244,6 @@ class Store:
                     s.exec(text(statement))  # type: ignore[call-overload]
                 s.add(SchemaVersion(version=version))
                 s.commit()
-        return self.schema_version()
 
     def schema_version(self) -> int:
         with Session(self.engine) as s:
@@ -232,7 +276,7 @@ class Store:
 
     def update_run(self, run_id: str, **fields: Any) -> Run:
         with Session(self.engine, expire_on_commit=False) as s:
-            run = s.get(Run, run_id)
+            run = s.get(Run, run_id, with_for_update=True)
             if run is None:
                 raise BackpropError(ErrorCode.STATE_RUN_NOT_FOUND, f"No run with id {run_id!r}.")
             for key, value in fields.items():
@@ -242,9 +286,13 @@ class Store:
             return run
 
     def apply_events(self, run_id: str, events: list[EventBase]) -> Run:
-        """Fold a batch of new events (seq > last_seq) into the run, in one transaction."""
+        """Fold a batch of new events (seq > last_seq) into the run, in one transaction.
+
+        The row is locked while it is read and written: another process folding the same log
+        waits, then sees the new ``last_seq`` and skips what was already folded.
+        """
         with Session(self.engine, expire_on_commit=False) as s:
-            run = s.get(Run, run_id)
+            run = s.get(Run, run_id, with_for_update=True)
             if run is None:
                 raise BackpropError(ErrorCode.STATE_RUN_NOT_FOUND, f"No run with id {run_id!r}.")
             for event in events:
@@ -364,9 +412,9 @@ class Store:
 
 
 def _worker_alive(run: Run, run_dir: Path) -> bool:
-    from backpropagate.runs.scheduler import is_our_worker  # the scheduler imports this module
+    from backpropagate.runs.liveness import run_alive
 
-    return bool(run.pid) and is_our_worker(int(run.pid or 0), Path(run_dir).resolve())
+    return run_alive(run.pid, Path(run_dir).resolve())
 
 
 def _read_meta(run_dir: Path) -> dict[str, Any]:
