@@ -210,3 +210,81 @@ def test_dpo_with_two_ranks_follows_its_one_process_curve(sft_config, tmp_path, 
         assert s.loss == pytest.approx(h["loss"], rel=REL)
         assert s.reward_margin == pytest.approx(h["reward_margin"], rel=1e-3, abs=1e-6)
         assert s.reward_accuracy == pytest.approx(h["reward_accuracy"])
+
+
+GRADIENTS = """
+import json, os, sys, threading, time
+import torch
+from backpropagate.training import distributed as d
+from backpropagate.training.control import RunControl
+from backpropagate.training.sft import _hold
+
+assert d.init(timeout_s=30)
+r = d.rank()
+torch.manual_seed(r)  # different weights on each rank, until the broadcast
+a = torch.nn.Parameter(torch.randn(3, 4))
+b = torch.nn.Parameter(torch.randn(5, dtype=torch.float64))  # another dtype: another bucket
+c = torch.nn.Parameter(torch.randn(2))  # a gradient on rank 1 only
+unused = torch.nn.Parameter(torch.randn(2))  # no gradient anywhere
+d.broadcast_parameters([a, b, c, unused])
+start = [p.detach().clone() for p in (a, b, c)]
+a.grad = torch.full_like(a, r + 1.0)
+b.grad = torch.full_like(b, 10.0 * (r + 1))
+if r == 1:
+    c.grad = torch.ones_like(c)
+d.sum_gradients([a, b, c, unused], bucket_bytes=16)  # tiny buckets: one parameter each
+out = {
+    "a": a.grad.unique().tolist(), "b": b.grad.unique().tolist(), "c": c.grad.unique().tolist(),
+    "unused": unused.grad is None, "start": [p.sum().item() for p in start],
+    "each": d.sum_each([r, 1.5, 0.0]),
+}
+# One rank paused for a moment: both wait, then both go on; then one rank's stop stops both.
+control = RunControl()
+if r == 1:
+    control.pause("temperature")
+    threading.Timer(1.0, control.resume).start()
+began = time.monotonic()
+out["first"] = _hold(control)
+out["waited"] = time.monotonic() - began
+if r == 0:
+    control.request_stop("user")
+out["second"] = _hold(control)
+with open(os.path.join(sys.argv[1], f"rank{r}.json"), "w") as f:
+    json.dump(out, f)
+d.teardown()
+"""
+
+
+def test_ranks_sum_gradients_start_from_one_set_of_weights_and_pause_together(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    script = tmp_path / "rank.py"
+    script.write_text(GRADIENTS)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(
+        BACKPROPAGATE_DIST_BACKEND="gloo", OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=port
+    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(tmp_path)],
+            env={**env, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2"},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )  # fmt: skip
+        for r in (0, 1)
+    ]
+    outputs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for x in ranks:
+        assert x["a"] == [3.0] and x["b"] == [30.0] and x["c"] == [1.0] and x["unused"]
+        assert x["each"] == [1.0, 3.0, 0.0]
+        assert x["first"] is False and x["waited"] > 0.8  # rank 0 waited for rank 1's pause
+        assert x["second"] is True  # rank 0's stop, seen by both at the same step
+    assert ranks[0]["start"] == ranks[1]["start"]
