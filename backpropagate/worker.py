@@ -12,7 +12,6 @@ writes ``worker.pid`` and the event log; the other ranks log to ``worker.rank<N>
 
 from __future__ import annotations
 
-import fcntl
 import importlib
 import json
 import os
@@ -27,13 +26,13 @@ from backpropagate.config import RunConfig
 from backpropagate.errors import BackpropError, ErrorCode
 from backpropagate.events import FINAL_TYPES, Cancelled, Completed, EventBase, EventLog, Warning_
 from backpropagate.runs.foreground import failed_event
+from backpropagate.runs.liveness import LOCK_NAME, take_run_lock
 from backpropagate.trackers import Trackers, open_trackers
 from backpropagate.training.control import RunControl
 
 # "module:function" of an alternative engine with the same contract as run_training.
 ENGINE_ENV = "BACKPROPAGATE_ENGINE"
 DEFAULT_ENGINE = "backpropagate.training:run_training"
-LOCK_NAME = ".worker.lock"  # held (flock) by the one worker of a run while it lives
 EXIT_LOCKED = 3  # another worker holds the run: this one touched nothing
 
 
@@ -66,32 +65,6 @@ def read_run_id(run_dir: Path) -> str:
         except (ValueError, KeyError):
             pass
     return run_dir.name
-
-
-def take_run_lock(run_dir: Path) -> int | None:
-    """Take the run's worker lock, held until this process ends; None if another worker has it."""
-    fd = os.open(Path(run_dir) / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        return None
-    return fd
-
-
-def run_lock_held(run_dir: Path) -> bool:
-    """Whether a live worker holds the run's lock (the scheduler asks before it starts one)."""
-    try:
-        fd = os.open(Path(run_dir) / LOCK_NAME, os.O_RDONLY)
-    except FileNotFoundError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)  # also releases the probe's own shared lock
-    return False
 
 
 def _redirect_output(log_path: Path) -> None:

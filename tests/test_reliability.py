@@ -14,8 +14,9 @@ from test_worker_standin import _make_run, _worker, run_training
 from backpropagate.events import EventLog, Step, read_events
 from backpropagate.runs.hub import LogTail, _read_after
 from backpropagate.runs.ids import create_run_dir as server_create_run_dir
+from backpropagate.runs.liveness import run_lock_held, take_run_lock
 from backpropagate.training.run_ids import create_run_dir, is_run_id, new_run_id
-from backpropagate.worker import EXIT_LOCKED, run_lock_held, take_run_lock
+from backpropagate.worker import EXIT_LOCKED
 
 
 def _step(n: int, total: int = 9) -> Step:

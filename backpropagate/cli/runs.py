@@ -123,7 +123,7 @@ def stop_cmd(run_id: str, url: str | None = typer.Option(None, "--url", help=URL
     import os
     import signal
 
-    from backpropagate.runs.scheduler import is_our_worker
+    from backpropagate.runs.liveness import is_our_worker
     from backpropagate.settings import get_settings
 
     run = _store().get_run(run_id)
@@ -312,7 +312,12 @@ def serve_api(
     """
     from backpropagate.launcher.api import ApiOptions
     from backpropagate.launcher.api import serve_api as run
+    from backpropagate.runs.scheduler import hold_server_lock
+    from backpropagate.settings import get_settings
 
+    # Refuse before binding: a second server on this home would double the run limit and ignore
+    # stops sent to the first. The lock is held until this process exits.
+    hold_server_lock(get_settings().runs_dir)
     run(ApiOptions(host, port, log_level, auth, auth_file, users))
 
 

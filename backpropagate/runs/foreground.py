@@ -1,7 +1,9 @@
 """Runs trained in this process (`backprop train`, `Trainer`) are runs like any other.
 
-They write the same ``events.jsonl`` a worker writes and are registered in the store, so
-`backprop runs list`, the API and the web app show them while they train and after. Every way
+They write the same ``events.jsonl`` a worker writes, hold the run's lock as a worker does (so a
+server that starts or restarts meanwhile sees them alive, never ``interrupted``) and are
+registered in the store, so `backprop runs list`, the API and the web app show them while they
+train and after. Every way
 out of the engine ends the log with a final event (a failure included), so `backprop watch`
 returns and a later reindex knows how the run ended.
 """
@@ -17,6 +19,7 @@ from backpropagate.config import RunConfig
 from backpropagate.errors import BackpropError, ErrorCode, disk_full_error
 from backpropagate.events import FINAL_TYPES, Cancelled, Completed, EventBase, EventLog, Failed
 from backpropagate.logs import get_logger
+from backpropagate.runs.liveness import LOCK_NAME, release_run_lock, take_run_lock
 from backpropagate.training.control import RunControl
 
 OnEvent = Callable[[EventBase], None]
@@ -80,12 +83,29 @@ class StoreSync:
 def train_in_process(
     config: RunConfig, run_dir: Path, on_event: OnEvent | None = None, control: RunControl | None = None
 ) -> Any:
-    """Train ``config`` in ``run_dir`` in this process, as a registered run; returns the TrainResult."""
+    """Train ``config`` in ``run_dir`` in this process, as a registered run; returns the TrainResult.
+
+    STATE_RUN_ACTIVE when another process (a worker, another `backprop train`) trains the run.
+    """
+    run_dir = Path(run_dir)
+    control = control or RunControl()
+    lock = take_run_lock(run_dir)
+    if lock is None:
+        raise BackpropError(
+            ErrorCode.STATE_RUN_ACTIVE,
+            f"Another process trains run {run_dir.name} (it holds {run_dir / LOCK_NAME}).",
+            hint="Wait for it to end, or stop it, then resume.",
+        )
+    try:
+        return _train_locked(config, run_dir, on_event, control)
+    finally:
+        release_run_lock(lock)
+
+
+def _train_locked(config: RunConfig, run_dir: Path, on_event: OnEvent | None, control: RunControl) -> Any:
     from backpropagate.trackers import open_trackers
     from backpropagate.training import run_training
 
-    run_dir = Path(run_dir)
-    control = control or RunControl()
     trackers = open_trackers(config, run_dir)  # a missing tracker fails here, before any loading
     sync = StoreSync(run_dir.name, config)
     last: dict[str, Any] = {"type": None, "step": None}

@@ -5,7 +5,8 @@ for from the free set (``CUDA_VISIBLE_DEVICES``), CPU runs share ``max_concurren
 a queued run's row says what it waits for (``queued_reason``). A run with several processes is
 launched through torchrun (``launch``), one rank per GPU. Workers run in their own process group
 and outlive the server; a restarted server re-attaches to live ones (checked through
-``/proc/<pid>/cmdline``) and marks the others ``interrupted``. No run is left ``running``
+``/proc/<pid>/cmdline`` or the run's lock, which foreground runs hold too) and marks the others
+``interrupted``. No run is left ``running``
 without a process behind it.
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import os
 import signal
 import subprocess
@@ -26,9 +28,9 @@ from backpropagate.events import Cancelled, EventLog
 from backpropagate.logs import get_logger
 from backpropagate.runs import launch
 from backpropagate.runs.hub import EventHub
+from backpropagate.runs.liveness import is_our_worker, run_alive, run_lock_held
 from backpropagate.runs.placement import Placer, Request, behind, check_request, request_for
 from backpropagate.runs.store import ACTIVE_STATUSES, RESUMABLE_STATUSES, Run, Store
-from backpropagate.worker import run_lock_held
 
 log = get_logger(__name__)
 
@@ -36,18 +38,38 @@ WORKER_MODULE = launch.WORKER_MODULE
 STOP_GRACE_S = 60.0  # SIGTERM lets the worker finish its step and checkpoint; then SIGKILL
 
 
+_SERVER_LOCKS: dict[Path, int] = {}  # lock file -> open descriptor, held for the process's life
+
+
+def hold_server_lock(runs_dir: Path) -> None:
+    """Take ``runs_dir/.server.lock`` for this process, or refuse: another server schedules here.
+
+    A flock dies with its process, so a killed server never leaves a stale lock. Taking it again
+    in the same process is a no-op. The descriptor is not inherited by workers (they outlive us).
+    """
+    path = (Path(runs_dir) / ".server.lock").resolve()
+    if path in _SERVER_LOCKS:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        other = _read_pid(path)
+        os.close(fd)
+        raise BackpropError(
+            ErrorCode.CONFIG_INVALID_SETTING,
+            f"another server{f' (pid {other})' if other else ''} already runs the runs of "
+            f"{path.parent.parent}: two would each start runs and ignore the other's stops",
+            hint="Use that server (its --url), stop it first, or set BACKPROPAGATE_HOME to another folder.",
+        ) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    _SERVER_LOCKS[path] = fd
+
+
 def worker_command() -> list[str]:
     return [sys.executable, "-m", WORKER_MODULE]
-
-
-def is_our_worker(pid: int, run_dir: Path) -> bool:
-    """True when ``pid`` is alive and is a worker for ``run_dir`` (not a recycled pid)."""
-    try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return False
-    args = raw.decode(errors="replace").split("\0")
-    return WORKER_MODULE in args and str(run_dir) in args
 
 
 @dataclass
@@ -61,7 +83,8 @@ class Worker:
     def alive(self, run_dir: Path) -> bool:
         if self.proc is not None:
             return self.proc.poll() is None
-        return is_our_worker(self.pid, run_dir)
+        # Re-attached: our worker by pid, or a foreground run (`backprop train`) holding the lock.
+        return run_alive(self.pid, run_dir)
 
     @property
     def exit_code(self) -> int | None:
@@ -305,12 +328,15 @@ class Scheduler:
     # Restart ------------------------------------------------------------------
     async def recover(self) -> None:
         """On server start: re-attach live workers, settle dead ones, re-queue queued runs."""
+        await asyncio.to_thread(hold_server_lock, self.runs_dir)
         runs = await asyncio.to_thread(self.store.list_runs, ["queued", "running", "paused"], 100000)
         for run in sorted(runs, key=lambda r: r.created_at):
             run_dir = self.run_dir(run.id)
+            if not run_dir.is_dir():
+                continue  # a run of another home sharing this database: its own server tends it
             if run.status == "queued":
                 self.queue.append(run.id)
-            elif run.pid and is_our_worker(run.pid, run_dir):
+            elif run_alive(run.pid, run_dir):  # a worker, or a foreground run holding the lock
                 worker = Worker(run.id, run.pid, list(run.gpus or []))
                 self.workers[run.id] = worker
                 self.placer.held[run.id] = list(run.gpus or [])  # as recorded, even if two rows clash
