@@ -52,8 +52,9 @@ def sequence_logps(logits: Any, labels: Any) -> tuple[Any, Any]:
 
 
 # Response positions per chunk of the LM head: [positions, vocab] float32 logits exist one chunk at
-# a time (4096 x 152k x 4 B = 2.5 GB at most), recomputed in backward instead of kept.
-HEAD_CHUNK = 4096
+# a time (1024 x 152k x 4 B = 0.6 GB), recomputed in backward instead of kept. Measured on an H200
+# (0.5B shape, 8 sequences of ~1200 tokens): 4096 peaked 1.3x TRL's memory.
+HEAD_CHUNK = 1024
 
 
 def _split_head(model: Any) -> tuple[Any, Any] | None:
