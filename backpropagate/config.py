@@ -18,7 +18,7 @@ from backpropagate.errors import BackpropError, ErrorCode
 
 Method = Literal["lora", "qlora", "full"]
 Preset = Literal["fast", "balanced", "quality"]
-Tracker = Literal["tensorboard"]
+Tracker = Literal["tensorboard", "wandb", "mlflow", "trackio"]
 DataFormat = Literal["auto", "sharegpt", "openai", "alpaca", "text", "preference", "kto"]
 
 # Values a preset fills in for every field the user did not set explicitly.
@@ -159,8 +159,9 @@ class RunConfig(BaseModel):
     output_dir: str | None = Field(None, description="Where the adapter goes (default: the run folder).")
     report_to: list[Tracker] = Field(
         default_factory=list,
-        description="Experiment trackers fed from the run's events: `tensorboard` writes under the "
-        "run folder's `tensorboard/` (none by default).",
+        description="Experiment trackers fed from the run's events (none by default): `tensorboard` "
+        "writes under the run folder's `tensorboard/`; `wandb`, `mlflow` and `trackio` follow their own "
+        "environment variables (docs/trackers.md).",
     )
 
     # Hardware and backend

@@ -21,6 +21,9 @@ log = get_logger(__name__)
 # name -> (the module it needs, the install command that brings it)
 REQUIREMENTS: dict[str, tuple[str, str]] = {
     "tensorboard": ("tensorboard", "pip install tensorboard"),
+    "wandb": ("wandb", "pip install wandb"),
+    "mlflow": ("mlflow", "pip install mlflow-skinny"),
+    "trackio": ("trackio", "pip install trackio"),
 }
 
 
@@ -65,12 +68,26 @@ class Trackers:
 
 
 def open_trackers(config: Any, run_dir: Path) -> Trackers:
+    """The sinks named in ``config.report_to`` (DEP_TRACKER_MISSING first if one is not installed)."""
     names = list(getattr(config, "report_to", None) or [])
     check_trackers(names)
     sinks: dict[str, Sink] = {}
+    # Each sink module imports its tracker's package only when the sink opens.
     for name in names:
         if name == "tensorboard":
             from backpropagate.trackers.tensorboard import TensorBoardSink
 
             sinks[name] = TensorBoardSink(Path(run_dir) / "tensorboard")
+        elif name == "wandb":
+            from backpropagate.trackers.wandb import WandbSink
+
+            sinks[name] = WandbSink(Path(run_dir))
+        elif name == "mlflow":
+            from backpropagate.trackers.mlflow import MlflowSink
+
+            sinks[name] = MlflowSink(Path(run_dir))
+        elif name == "trackio":
+            from backpropagate.trackers.trackio import TrackioSink
+
+            sinks[name] = TrackioSink(Path(run_dir))
     return Trackers(sinks)
