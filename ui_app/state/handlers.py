@@ -24,6 +24,7 @@ HANDLER_POLICIES: dict[str, str] = {
     "ChatState.set_draft": "chat text, sent to the model only",
     "CompareState.setvar": _SETVAR,
     "CompareState.toggle": "run id, looked up by RunService; at most MAX_RUNS",
+    "CompareState.pick_metric": "metric label, kept only when it is one of the fixed METRICS labels",
     "NewRunState.setvar": _SETVAR,
     "NewRunState.set_value": "form value; the run config is checked by RunConfig and RunService.submit (paths, fit)",
     "NewRunState.apply_preset": "preset name from the fixed preset table",
