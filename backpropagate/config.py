@@ -191,6 +191,12 @@ class RunConfig(BaseModel):
         description="LoRA weights in fp32 or in the compute dtype; `auto`: compute dtype with bf16 on GPU "
         "(faster, no casts), fp32 otherwise.",
     )
+    fp8: bool = Field(
+        False,
+        description="LoRA on an FP8 base: the frozen base weights in float8 (e4m3), their matmuls on FP8 "
+        "tensor cores (GPUs of compute capability 8.9+: Ada, Hopper, Blackwell); the adapter, norms and "
+        "loss stay bf16/fp32. method='lora' only; trains on transformers + PEFT, not Unsloth.",
+    )
     oom_recovery: bool = Field(True, description="On out-of-memory, halve the micro-batch and retry.")
 
     # GPU temperature guard (degrees Celsius)

@@ -58,6 +58,7 @@ class ErrorCode(StrEnum):
     RUNTIME_OOM_RECOVERY_EXHAUSTED = "RUNTIME_OOM_RECOVERY_EXHAUSTED"
     RUNTIME_GPU_TEMPERATURE_CRITICAL = "RUNTIME_GPU_TEMPERATURE_CRITICAL"
     RUNTIME_GPU_MONITORING_FAILED = "RUNTIME_GPU_MONITORING_FAILED"
+    RUNTIME_FP8_UNSUPPORTED = "RUNTIME_FP8_UNSUPPORTED"
     RUNTIME_TRAINING_FAILED = "RUNTIME_TRAINING_FAILED"
     RUNTIME_WORKER_CRASHED = "RUNTIME_WORKER_CRASHED"
     RUNTIME_GGUF_EXPORT_FAILED = "RUNTIME_GGUF_EXPORT_FAILED"
@@ -256,6 +257,12 @@ CATALOG: dict[ErrorCode, ErrorSpec] = {
         "GPU telemetry (NVML) is unavailable; training continues without it.",
         "Install the NVIDIA driver's NVML library (nvidia-ml-py) to see temperature and VRAM.",
         http_status=503,
+    ),
+    C.RUNTIME_FP8_UNSUPPORTED: ErrorSpec(
+        "FP8 training was asked for, but this machine cannot run it.",
+        "FP8 needs an NVIDIA GPU with compute capability 8.9 or newer (L4, L40S, RTX 4090, H100, H200, "
+        "B200); drop --fp8 to train in bf16 here.",
+        http_status=422,
     ),
     C.RUNTIME_TRAINING_FAILED: ErrorSpec(
         "Training failed.",

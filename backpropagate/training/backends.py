@@ -105,6 +105,10 @@ def check_machine(config: RunConfig, device: Any) -> None:
             ErrorCode.CONFIG_INVALID_SETTING,
             "optimizer='adamw_8bit' (bitsandbytes) needs a CUDA GPU; use optimizer='adamw' on CPU.",
         )
+    if config.fp8:
+        from backpropagate.training import fp8
+
+        fp8.check_supported(config, device)
 
 
 # Model resolution and load errors ---------------------------------------------------------------
@@ -336,7 +340,7 @@ def _load_unsloth(config: RunConfig, path: str, dtype: Any, gradient_checkpointi
 
 def preload_unsloth(config: RunConfig, device: Any, log: RunLogger = _log) -> None:
     """Import Unsloth before anything imports transformers, so that its patches apply."""
-    if device.type != "cuda" or config.backend == "transformers" or config.use_dora:
+    if device.type != "cuda" or config.backend == "transformers" or config.use_dora or config.fp8:
         return
     try:
         import unsloth  # noqa: F401
@@ -363,7 +367,11 @@ def load_model(
     if tokenizer is None:
         tokenizer = load_tokenizer(path)
 
-    want_unsloth = config.backend in ("auto", "unsloth") and not config.use_dora
+    want_unsloth = config.backend in ("auto", "unsloth") and not config.use_dora and not config.fp8
+    if config.fp8:  # FP8 replaces the base weights that Unsloth's kernels read
+        from backpropagate.training import fp8
+
+        fp8.announce_backend(config, emit, log)
     if want_unsloth and device.type == "cuda":
         try:
             gc_flag = gradient_checkpointing
@@ -408,6 +416,10 @@ def load_model(
         for p in model.parameters():
             if p.requires_grad:
                 p.data = p.data.float()
+    if config.fp8:
+        from backpropagate.training import fp8
+
+        fp8.apply_fp8(model, log)
     return LoadedModel(
         model,
         tokenizer,
