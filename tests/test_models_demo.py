@@ -276,7 +276,9 @@ def test_resolve_model(demo_models, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert resolve_model("my-model") == str(tmp_path / "my-model")
     assert resolve_model("./my-model") == str(tmp_path / "my-model")
-    # Hub ids and paths that do not exist are left for from_pretrained to judge.
+    # Hub ids (online) and paths that do not exist are left for from_pretrained to judge; offline,
+    # a hub id comes from the local cache (tests/test_models_offline.py).
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     assert resolve_model("Qwen/Qwen2.5-0.5B-Instruct") == "Qwen/Qwen2.5-0.5B-Instruct"
     assert resolve_model("./no-such-folder") == "./no-such-folder"
     assert set(DEMO_NAMES) == {"demo", "demo-llama", "demo-qwen2"}

@@ -87,7 +87,8 @@ def resolve_model(name: str) -> str:
     """Turn what a user typed into something ``from_pretrained`` accepts.
 
     Demo names become their local folder (built on first use); an existing local folder becomes
-    its absolute path; anything else (a hub id) is returned unchanged.
+    its absolute path; anything else (a hub id) is returned unchanged, or, offline, becomes its
+    folder in the local cache (DEP_MODEL_LOAD_FAILED at once when it is not there).
     """
     if name in DEMO_NAMES:
         path = demo_path(name)
@@ -97,6 +98,11 @@ def resolve_model(name: str) -> str:
     local = Path(name).expanduser()
     if local.is_dir():
         return str(local.resolve())
+    if not name.startswith((".", "/", "~")):  # a missing folder is reported as one by the loader
+        from backpropagate.models.hub import cached_snapshot, is_offline
+
+        if is_offline():
+            return cached_snapshot(name)
     return name
 
 
