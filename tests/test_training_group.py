@@ -217,7 +217,6 @@ import json, os, sys, threading, time
 import torch
 from backpropagate.training import distributed as d
 from backpropagate.training.control import RunControl
-from backpropagate.training.sft import _hold
 
 assert d.init(timeout_s=30)
 r = d.rank()
@@ -244,11 +243,11 @@ if r == 1:
     control.pause("temperature")
     threading.Timer(1.0, control.resume).start()
 began = time.monotonic()
-out["first"] = _hold(control)
+out["first"] = d.hold(control)
 out["waited"] = time.monotonic() - began
 if r == 0:
     control.request_stop("user")
-out["second"] = _hold(control)
+out["second"] = d.hold(control)
 with open(os.path.join(sys.argv[1], f"rank{r}.json"), "w") as f:
     json.dump(out, f)
 d.teardown()

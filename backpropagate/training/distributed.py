@@ -1,4 +1,5 @@
-"""Rank-side helpers for runs that torchrun launched: the process group, who is who, shards, agreement.
+"""Rank-side helpers for runs that torchrun launched: the process group, who is who, shards, agreement,
+the gradient exchange and each rank's RNG.
 
 Every helper also works in a plain single process (a world of one, no torch.distributed), so the
 training loop calls them unconditionally. The group uses NCCL on GPUs and gloo on the CPU or when
@@ -8,18 +9,24 @@ Every collective has a timeout: a rank that died or hangs makes the others raise
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import datetime
 import math
 import os
+import time
 from collections.abc import Sequence
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    from backpropagate.training.control import RunControl
 
 T = TypeVar("T")
 
 # Long enough for a checkpoint write or an evaluation on rank 0 while the others wait at the
 # next collective; short enough that a dead rank ends the run in minutes, not NCCL's default 10.
 DEFAULT_TIMEOUT_S = 300.0
+PAUSE_POLL_S = 0.5  # how often a paused group asks its ranks whether to go on
 
 
 def launched() -> bool:
@@ -256,6 +263,56 @@ def broadcast_parameters(params: Sequence[Any], src: int = 0) -> None:
     with torch.no_grad():
         for p in params:
             dist.broadcast(p.data, src=src)
+
+
+def hold(control: RunControl) -> bool:
+    """Wait while paused; whether to stop now (the training loop asks between optimizer steps).
+
+    In a group the ranks decide together: one rank's stop stops all of them at the same step,
+    and one rank paused (a hot GPU) holds every rank until it resumes.
+    """
+    if not is_initialized():
+        if not control.stop_requested:
+            control.wait_while_paused()
+        return control.stop_requested
+    while True:  # every rank runs the same collectives, in the same order, until they agree
+        if any_rank(control.stop_requested):
+            return True
+        if not any_rank(control.paused):
+            return False
+        time.sleep(PAUSE_POLL_S)
+
+
+def seed_rank(seed: int, step: int) -> None:
+    """Ranks after the first draw their own dropout masks (rank 0 keeps the one-process stream)."""
+    if rank() == 0:
+        return
+    import numpy as np
+    import torch
+
+    torch.manual_seed(int(np.random.default_rng([seed, rank(), step]).integers(2**62)))
+
+
+def rng_state() -> dict[str, str]:
+    """This rank's torch RNG states as text, for the checkpoint's state.json."""
+    import torch
+
+    out = {"torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}
+    if torch.cuda.is_available():
+        out["cuda"] = base64.b64encode(torch.cuda.get_rng_state().numpy().tobytes()).decode()
+    return out
+
+
+def set_rng_state(saved: dict[str, str]) -> None:
+    """Restore what :func:`rng_state` saved on this rank."""
+    import torch
+
+    def tensor(text: str) -> Any:
+        return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
+
+    torch.set_rng_state(tensor(saved["torch"]))
+    if "cuda" in saved and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensor(saved["cuda"]))
 
 
 def barrier() -> None:

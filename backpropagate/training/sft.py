@@ -19,7 +19,6 @@ are taken together at step boundaries.
 
 from __future__ import annotations
 
-import base64
 import gc
 import math
 import os
@@ -68,7 +67,6 @@ from backpropagate.training.result import TrainResult
 
 Emit = Callable[[EventBase], None]
 MAX_OOM_RETRIES_AT_MIN = 3
-PAUSE_POLL_S = 0.5  # how often a paused group asks its ranks whether to go on
 
 
 @dataclass
@@ -311,7 +309,7 @@ def _restore(run: Run, log: Any) -> None:
                 path=chosen,
             )
     if loaded is None:
-        _seed_rank(run.config.seed, 0)
+        d.seed_rank(run.config.seed, 0)
         return
     ckpt.apply_weights(run.loaded.model, loaded.weights)
     run.optimizer.load_state_dict(loaded.optimizer)
@@ -322,42 +320,11 @@ def _restore(run: Run, log: Any) -> None:
     ckpt.restore_rng(loaded.rng)
     mine = run.state.rank_rng
     if mine and len(mine) == d.world_size():
-        _set_rank_rng(mine[d.rank()])
+        d.set_rng_state(mine[d.rank()])
     else:  # a group resuming a one-process checkpoint (or the reverse): fresh streams per rank
-        _seed_rank(run.config.seed, run.state.step)
+        d.seed_rank(run.config.seed, run.state.step)
     run.resumed_from_step = run.state.step
     log.info("resumed from %s (step %d)", loaded.path, run.state.step)
-
-
-def _seed_rank(seed: int, step: int) -> None:
-    """Ranks after the first draw their own dropout masks (rank 0 keeps the one-process stream)."""
-    if d.rank() == 0:
-        return
-    import numpy as np
-    import torch
-
-    torch.manual_seed(int(np.random.default_rng([seed, d.rank(), step]).integers(2**62)))
-
-
-def _rank_rng() -> dict[str, str]:
-    """This rank's torch RNG states, as text for state.json (rank 0's are in rng.pt as well)."""
-    import torch
-
-    out = {"torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}
-    if torch.cuda.is_available():
-        out["cuda"] = base64.b64encode(torch.cuda.get_rng_state().numpy().tobytes()).decode()
-    return out
-
-
-def _set_rank_rng(saved: dict[str, str]) -> None:
-    import torch
-
-    def tensor(text: str) -> Any:
-        return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
-
-    torch.set_rng_state(tensor(saved["torch"]))
-    if "cuda" in saved and torch.cuda.is_available():
-        torch.cuda.set_rng_state(tensor(saved["cuda"]))
 
 
 # 2. Fit: optimizer steps until done or stopped -----------------------------------------------------
@@ -369,7 +336,7 @@ def fit(run: Run) -> TrainResult:
 
     while state.step < run.total_steps:
         # Between optimizer steps only: a step is never cut in half.
-        if _hold(control):
+        if d.hold(control):
             return _stop(run)
 
         step = state.step + 1
@@ -405,21 +372,6 @@ def fit(run: Run) -> TrainResult:
     if run.eval and (not state.eval_history or state.eval_history[-1]["step"] != state.step):
         _evaluate(run, state.step)
     return _result(run, "completed")
-
-
-def _hold(control: RunControl) -> bool:
-    """Wait while paused; whether to stop now. In a group the ranks decide together: one rank's
-    stop stops all of them at the same step, and one hot GPU pauses every rank."""
-    if not d.is_initialized():
-        if not control.stop_requested:
-            control.wait_while_paused()
-        return control.stop_requested
-    while True:  # every rank runs the same collectives, in the same order, until they agree
-        if d.any_rank(control.stop_requested):
-            return True
-        if not d.any_rank(control.paused):
-            return False
-        time.sleep(PAUSE_POLL_S)
 
 
 def _result(
@@ -640,7 +592,7 @@ def _checkpoint(run: Run) -> ckpt.SavedCheckpoint:
     so none runs ahead of a checkpoint it may have to resume from."""
     state = run.state
     if d.is_initialized():
-        state.rank_rng = d.gather(_rank_rng())
+        state.rank_rng = d.gather(d.rng_state())
     saved = _write_checkpoint(run) if d.is_main() else None
     return d.broadcast(saved)
 
