@@ -189,3 +189,73 @@ def test_packed_examples_stay_apart_on_gpu(data, attention):
     model = model.to("cuda").eval()
     diff = packed_vs_alone(model, attention, torch.float32)
     assert diff < 1e-4, (attention, diff, packed_vs_alone(model, None, torch.float32))
+
+
+# FP8 LoRA (backpropagate/training/fp8.py): on cards with FP8 tensor cores only ----------------------
+def _fp8_card() -> bool:
+    return torch.cuda.get_device_capability(0) >= (8, 9)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not _fp8_card(), reason="needs FP8 tensor cores (8.9+)")
+def test_fp8_lora_trains_and_resumes_exactly(data, tmp_path):
+    from safetensors.torch import load_file
+
+    from backpropagate.training.control import RunControl
+
+    fields = dict(fp8=True, backend="transformers", steps=12, save_every=3, lr_scheduler="cosine")
+    result, events, metrics = run(data, tmp_path / "whole", **fields)
+    assert started(events).backend == "transformers" and metrics["precision"] == "bf16"
+    assert all(h["loss"] == h["loss"] for h in result.history)  # no NaN
+    assert result.history[-1]["loss"] < result.history[0]["loss"] * 0.8
+
+    control = RunControl()
+
+    def stop_at_6(event):
+        if event.type == "step" and event.step == 6:
+            control.request_stop("user")
+
+    fields_all = dict(
+        model="demo", data=str(data), packing=True, max_seq_len=128, batch_size=4, grad_accum=1,
+        lr=5e-3, lora_r=16, eval_fraction=0.0, seed=0, **fields,
+    )  # fmt: skip
+    config = RunConfig(**fields_all)
+    stopped = run_training(config, tmp_path / "resumed", stop_at_6, control)
+    assert stopped.status == "cancelled" and stopped.step == 6
+    resumed = run_training(config, tmp_path / "resumed", lambda _e: None)
+    assert resumed.resumed_from_step == 6
+    want = [h["loss"] for h in result.history if h["step"] > 6]
+    got = [h["loss"] for h in resumed.history if h["step"] > 6]
+    # As close as the group test's GPU resume (SDPA's backward may reorder sums); the device check
+    # (bench/fp8_check.py) reports whether it is bitwise.
+    assert got == pytest.approx(want, rel=2e-3)
+    mine = load_file(resumed.adapter_path / "adapter_model.safetensors")
+    theirs = load_file(result.adapter_path / "adapter_model.safetensors")
+    assert mine.keys() == theirs.keys()
+    for key in mine:
+        assert mine[key].dtype == theirs[key].dtype != torch.float8_e4m3fn
+        assert torch.allclose(mine[key].float(), theirs[key].float(), rtol=1e-2, atol=1e-4), key
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not _fp8_card(), reason="needs FP8 tensor cores (8.9+)")
+def test_fp8_layer_matches_its_emulation_and_bf16_on_gpu():
+    from backpropagate.training import fp8
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(896, 4864, bias=True, device="cuda", dtype=torch.bfloat16).requires_grad_(False)
+    layer = fp8.Fp8Linear(linear)
+    x = torch.randn(3, 700, 896, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    y = layer(x)
+    g = torch.randn_like(y)
+    y.backward(g)
+    ref_y = x.detach().float() @ linear.weight.float().t() + linear.bias.float()
+    ref_dx = g.float() @ linear.weight.float()
+
+    def rel(a, b):
+        return ((a.float() - b).norm() / b.norm()).item()
+
+    assert rel(y, ref_y) < 5e-2 and rel(x.grad, ref_dx) < 5e-2
+    layer.emulate = True
+    xe = x.detach().requires_grad_(True)
+    ye = layer(xe)
+    ye.backward(g)
+    assert rel(y, ye.float()) < 1e-2 and rel(x.grad, xe.grad.float()) < 1e-2
