@@ -113,6 +113,73 @@ def show_cmd(
     print(json.dumps(row, indent=2, default=str))
 
 
+def disk_checkpoints(run_id: str) -> list[dict[str, Any]]:
+    """The run's complete checkpoints as they are on disk now, oldest first.
+
+    The folders are the truth: the store's rows keep pruned checkpoints and miss one written just
+    before a kill. A folder counts once its ``meta.json`` is written (``.partial`` ones never do).
+    """
+    from backpropagate.settings import get_settings
+
+    run = _store().get_run(run_id)
+    roots = {Path(row.path).parent for row in _store().checkpoints(run_id) if row.path}
+    roots.add(get_settings().runs_dir / run.id / "checkpoints")
+    found: dict[int, dict[str, Any]] = {}
+    for root in roots:
+        for folder in sorted(root.glob("step-*")):
+            if folder.name.endswith(".partial") or not folder.is_dir():
+                continue
+            try:
+                meta = json.loads((folder / "meta.json").read_text())
+            except (OSError, ValueError):
+                continue  # not complete yet, or torn: a resume would skip it too
+            files = meta.get("files") or {}
+            found[int(meta["step"])] = {
+                "step": int(meta["step"]),
+                "path": str(folder.resolve()),
+                "bytes": sum(int(f.get("bytes", 0)) for f in files.values()),
+                "eval_loss": meta.get("eval_loss"),
+                "best": False,
+                "created_at": folder.stat().st_mtime,
+            }
+    rows = [found[step] for step in sorted(found)]
+    scored = [r for r in rows if r["eval_loss"] is not None]
+    if scored:
+        min(scored, key=lambda r: r["eval_loss"])["best"] = True
+    return rows
+
+
+@runs_app.command(
+    "checkpoints",
+    epilog="Examples: backprop runs checkpoints RUN_ID    |    backprop runs checkpoints RUN_ID --json",
+)
+def checkpoints_cmd(
+    run_id: str,
+    url: str | None = typer.Option(None, "--url", help=URL_HELP),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON to stdout."),
+) -> None:
+    """List a run's checkpoints (step, size, eval loss, best, folder): what `runs resume` and
+    `backprop export RUN_ID/checkpoints/step-NNNNNN` can use. Read from the run folder itself."""
+    rows = _api("GET", url, f"/api/runs/{run_id}/checkpoints") if url else disk_checkpoints(run_id)
+    if as_json:
+        print(json.dumps(rows, indent=2, default=str))
+        return
+    if not rows:
+        print(f"{run_id}: no checkpoints yet", file=sys.stderr)
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table()
+    for col in ("step", "size", "eval_loss", "best", "path"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        loss = f"{r['eval_loss']:.4f}" if r.get("eval_loss") is not None else ""
+        size = f"{r['bytes'] / 1e6:.1f} MB" if r.get("bytes") else ""
+        table.add_row(str(r["step"]), size, loss, "yes" if r.get("best") else "", r["path"])
+    Console().print(table)
+
+
 @runs_app.command("stop", epilog="Example: backprop runs stop 20260101-120000-ab12")
 def stop_cmd(run_id: str, url: str | None = typer.Option(None, "--url", help=URL_HELP)) -> None:
     """Stop a run: the worker finishes its step, writes a checkpoint and ends as cancelled."""
@@ -228,13 +295,15 @@ def _follow_ws(url: str, run_id: str, after: int):
         ws = connect(f"{ws_url}/api/runs/{run_id}/events?after={after}")
     except OSError as exc:
         raise _unreachable(url, exc) from exc
+    from backpropagate.events import Error, EventBase, parse_wire
+
     with ws:
         for message in ws:
-            data = json.loads(message)
-            if data.get("type") == "error" and "code" in data:
-                raise BackpropError(data["code"], data.get("message"))
-            if data.get("type") != "heartbeat":
-                yield data
+            item = parse_wire(message)
+            if isinstance(item, Error) and item.seq == 0:  # the server refused the stream
+                raise BackpropError(item.code, item.message, hint=item.hint)
+            if isinstance(item, EventBase):  # heartbeats are not events
+                yield item.model_dump(mode="json")
 
 
 def watch(
