@@ -117,7 +117,7 @@ def create_app(
     app = FastAPI(
         title="Backpropagate API",
         version=__version__,
-        docs_url="/api/docs",
+        docs_url=None,  # routes/system.py serves /api/docs with local assets (no CDN)
         redoc_url=None,
         openapi_url="/api/openapi.json",
         lifespan=lifespan,
