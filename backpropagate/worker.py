@@ -88,6 +88,11 @@ def _join_group() -> None:
     from backpropagate.training import distributed
 
     distributed.init()
+    print(
+        f"joined the process group: backend {distributed.backend_name()}, rank {distributed.rank()} "
+        f"of {distributed.world_size()}, device {distributed.device_name()}",
+        flush=True,
+    )
 
 
 # What a collective raises when a peer rank died or hangs (gloo raises plain RuntimeErrors).
@@ -142,7 +147,10 @@ def run_worker(run_dir: Path) -> int:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         # An engine trains data-parallel only when it says so; otherwise rank 0 trains alone
         # (on its first GPU, as a one-process run would) and the other ranks leave at once.
-        parallel = world > 1 and bool(getattr(run_training, "data_parallel", False))
+        # Under torchrun even a group of one trains through the group path (one code path for
+        # every group size, so a one-GPU torchrun run checks the multi-GPU one).
+        under_torchrun = "TORCHELASTIC_RUN_ID" in os.environ
+        parallel = (world > 1 or under_torchrun) and bool(getattr(run_training, "data_parallel", False))
         if world > 1 and not parallel and not main_rank:
             print("the training engine runs on one process: this rank has nothing to do", flush=True)
             return 0
