@@ -161,12 +161,11 @@ def world(tmp_path_factory):
         }
         clone = httpx.post(f"{api}/api/runs/{run_id}/clone", json={}, timeout=30).json()
         clone = clone.get("id") or clone["run_id"]
-        # The run-management example ends in DELETE: it gets a clone of the shared run.
-        pages = {
-            "docs/export.md": {"http://127.0.0.1:8000": chat["url"]},
-            "docs/api.md:68": {EXAMPLE_RUN: clone},
-        }
-        yield {"work": work, "env": env, "values": values, "pages": pages}
+        pages = {"docs/export.md": {"http://127.0.0.1:8000": chat["url"]}}
+        # A block that deletes a run (the run-management example ends in DELETE) gets a clone of
+        # the shared run, found by what it does rather than by its line, which moves with edits.
+        deleting = {EXAMPLE_RUN: clone}
+        yield {"work": work, "env": env, "values": values, "pages": pages, "deleting": deleting}
     finally:
         for proc in stack:
             proc.terminate()
@@ -245,6 +244,8 @@ def run_serving(command: str, ready: re.Pattern, world) -> tuple[bool, str]:
 def run_block(block: Block, world) -> tuple[bool, str]:
     pages = world["pages"]
     values = {**world["values"], **pages.get(block.page, {}), **pages.get(block.id, {})}
+    if re.search(rf"-X DELETE \S*/api/runs/{EXAMPLE_RUN}", block.code):
+        values.update(world["deleting"])
     values = dict(sorted(values.items(), key=lambda kv: -len(kv[0])))  # longest first
     if block.lang == "python":
         done = subprocess.run(

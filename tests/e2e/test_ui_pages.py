@@ -235,7 +235,7 @@ def test_runs_table_and_compare_two_runs(ui: Page, ui_server) -> None:  # noqa: 
     ui.locator(f"[data-run-id='{clone}']").get_by_role("button", name=re.compile("^Delete")).click()
     ui.click("#confirm-delete")
     expect(rows).to_have_count(1, timeout=40000)
-    expect(ui.locator("#runs-message")).not_to_contain_text("STATE_RUN_ACTIVE")
+    expect(ui.locator("#runs-message")).to_have_text(f"Deleted run {clone}.")  # no STATE_RUN_ACTIVE
     assert not (ui_server.home / "runs" / clone).exists()
     expect(ui.locator(f"[data-run-id='{STATE['run']}']")).to_be_visible()
 
@@ -314,6 +314,8 @@ def test_main_pages_at_phone_and_desktop_width_in_both_themes(ui: Page, ui_serve
                     assert overflow <= width + 1, f"{name} at {width} px ({theme}) is {overflow} px wide"
                     box = main.bounding_box()
                     assert box and box["x"] >= 0 and box["x"] + box["width"] <= width + 1, (name, width, box)
+                    if name == "compare":  # the address's one run, not the clone deleted earlier
+                        expect(ui.locator("#compare-chart .recharts-line-curve")).to_have_count(1)
                     if name == "runs":  # the wide table says it scrolls, on a phone only
                         hint = expect(ui.locator("#runs-scroll-hint"))
                         if width < 768:

@@ -59,8 +59,10 @@ class CompareState(rx.State):
         runs.sort(key=lambda r: r.get("created_at") or 0, reverse=True)
         self.choices = [{"id": r["id"], "label": f"{r.get('name') or r['id']} ({r['status']})"} for r in runs]
         wanted = [r for r in self.router.url.query_parameters.get("runs", "").split(",") if r]
-        if wanted and not self.selected:
-            self.selected = wanted[:MAX_RUNS]
+        # The address wins over an earlier visit's picks, and a deleted run is never kept selected
+        # (it would show as a curve with no run and a settings table where every field differs).
+        ids = {r["id"] for r in runs}
+        self.selected = [r for r in (wanted or self.selected) if r in ids][:MAX_RUNS]
         await self._refresh()
 
     @rx.event

@@ -105,7 +105,13 @@ class RunsState(rx.State):
         except BackpropError as exc:
             self.message = f"[{exc.code}] {exc.message}"
             return None
-        self.message = f"{action.capitalize()}: {run_id}"
+        done = {
+            "stop": "Stopping run",
+            "resume": "Resuming run",
+            "clone": "Cloned run",
+            "delete": "Deleted run",
+        }
+        self.message = f"{done.get(action, action)} {run_id}."
         await self._refresh()
         if action == "clone" and new_id:
             return rx.redirect(f"/runs/{new_id}")
