@@ -10,7 +10,6 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 from test_api_server import Server, _create, _kill_workers
 from test_worker_standin import standin_env
@@ -30,24 +29,6 @@ def test_the_lock_is_reentrant_in_one_process_and_refused_to_another(tmp_path: P
     other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert other.returncode != 0
     assert "CONFIG_INVALID_SETTING" in other.stderr and f"pid {os.getpid()}" in other.stderr
-
-
-@pytest.mark.slow
-def test_a_second_serve_api_on_one_home_refuses_and_starts_once_the_first_is_gone(tmp_path: Path) -> None:
-    home = tmp_path / "home"
-    first = Server(home).start()
-    try:
-        env = standin_env(BACKPROPAGATE_HOME=str(home))
-        command = [sys.executable, "-m", "backpropagate", "serve-api", "--port", str(first.port + 1)]
-        second = subprocess.run(command, capture_output=True, text=True, env=env, timeout=60)
-        assert second.returncode == 1, second.stderr
-        assert "[CONFIG_INVALID_SETTING]" in second.stderr and "another server" in second.stderr
-        assert f"pid {first.proc.pid}" in second.stderr and "hint:" in second.stderr
-        assert httpx.get(first.url + "/api/runs", timeout=5).status_code == 200  # the first is untouched
-    finally:
-        first.kill()  # SIGKILL: a lock that died with its process is no obstacle
-    again = Server(home).start()
-    again.kill()
 
 
 def test_a_server_leaves_alone_the_runs_of_another_home_on_a_shared_database(tmp_path: Path) -> None:
@@ -71,21 +52,32 @@ def test_a_server_leaves_alone_the_runs_of_another_home_on_a_shared_database(tmp
 
 
 @pytest.mark.slow
-def test_two_servers_on_one_database_start_each_run_once(tmp_path: Path) -> None:
+def test_one_server_per_home_and_two_homes_on_one_database_start_each_run_once(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'shared.db'}"
     a = Server(tmp_path / "a", BACKPROPAGATE_DB_URL=url, BACKPROPAGATE_STANDIN_STEP_S="0.05").start()
     b = None
     try:
         run_id = _create(a, steps=30)["id"]
-        b = Server(tmp_path / "b", BACKPROPAGATE_DB_URL=url).start()  # while A's run trains
-        assert b.get(f"/api/runs/{run_id}").status_code == 200  # one store
+        # A second server on A's home refuses, naming the first; A is untouched.
+        env = standin_env(BACKPROPAGATE_HOME=str(a.home), BACKPROPAGATE_DB_URL=url)
+        command = [sys.executable, "-m", "backpropagate", "serve-api", "--port", str(a.port + 1)]
+        second = subprocess.run(command, capture_output=True, text=True, env=env, timeout=60)
+        assert second.returncode == 1, second.stderr
+        assert "[CONFIG_INVALID_SETTING]" in second.stderr and "another server" in second.stderr
+        assert f"pid {a.proc.pid}" in second.stderr and "hint:" in second.stderr
+        # A server with its own home on the same database sees the run and leaves it to A.
+        b = Server(tmp_path / "b", BACKPROPAGATE_DB_URL=url).start()
+        assert b.get(f"/api/runs/{run_id}").status_code == 200
         assert (
             a.wait_status(run_id, {"completed", "failed", "interrupted", "cancelled"})["status"]
             == "completed"
         )
-        log = (tmp_path / "a" / "runs" / run_id / "events.jsonl").read_text().splitlines()
+        log = (a.home / "runs" / run_id / "events.jsonl").read_text().splitlines()
         assert sum('"run_started"' in line for line in log) == 1
-        assert not (tmp_path / "b" / "runs" / run_id).exists()
+        assert not (b.home / "runs" / run_id).exists()
+        a.kill()  # SIGKILL: the lock dies with its process, nothing stale is left
+        code = f"from backpropagate.runs.scheduler import hold_server_lock; hold_server_lock({str(a.home / 'runs')!r})"
+        assert subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60).returncode == 0
     finally:
         for server in (a, b):
             if server is not None:

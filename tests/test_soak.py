@@ -22,7 +22,7 @@ from test_api_server import Server, _create, _kill_workers
 pytestmark = pytest.mark.slow
 
 RUNS = 12
-CHAOS_S = 20.0
+CHAOS_S = 12.0
 FINAL = {"completed", "failed", "cancelled", "interrupted"}
 
 
