@@ -105,7 +105,7 @@ def test_runs_started_stopped_resumed_and_deleted_at_random_end_well(tmp_path: P
             actions += 1
             time.sleep(rng.uniform(0.0, 0.1))
         print(f"soak: {actions} actions {counts}")
-        assert actions > 20 and counts["stop"] and counts["resume"]
+        assert actions > 10 and counts["stop"] and counts["resume"]
 
         # Settle: resume whatever was stopped until every remaining run completes.
         live = [i for i in ids if i not in deleted]
