@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import test_runs_store as sqlite_suite
 
+from backpropagate.errors import BackpropError
 from backpropagate.events import Checkpoint, RunStarted, Step
 from backpropagate.runs.store import SCHEMA_VERSION, Run, Store
 
@@ -217,3 +218,12 @@ def test_a_plain_postgresql_url_uses_the_installed_driver(pg_server: str, pg_url
     assert store.get_run("p").status == "queued"
     assert "psycopg" in store.engine.dialect.driver
     store.engine.dispose()
+
+
+def test_an_unreachable_database_is_a_coded_error_without_the_password() -> None:
+    port = _free_port()  # nothing listens there
+    with pytest.raises(BackpropError) as err:
+        Store(f"postgresql://backprop:s3cret-pw@127.0.0.1:{port}/backprop")
+    assert err.value.code == "CONFIG_INVALID_SETTING"
+    assert f"127.0.0.1:{port}" in err.value.message and "s3cret-pw" not in err.value.message
+    assert "BACKPROPAGATE_DB_URL" in (err.value.hint or "")

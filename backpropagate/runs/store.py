@@ -19,6 +19,7 @@ from typing import Any
 
 from sqlalchemy import String, TypeDecorator, inspect, text
 from sqlalchemy import event as sa_event
+from sqlalchemy.exc import OperationalError
 from sqlmodel import JSON, Column, Field, Session, SQLModel, create_engine, select
 
 from backpropagate import events
@@ -217,7 +218,11 @@ class Store:
 
     # Schema -------------------------------------------------------------------
     def migrate(self) -> int:
-        with self.engine.connect() as con:
+        try:
+            connection = self.engine.connect()
+        except OperationalError as exc:  # the first connection: a wrong URL or a server that is down
+            raise _unreachable(self.engine.url, exc) from None
+        with connection as con:
             if self.engine.dialect.name == "postgresql":
                 # Two servers starting on one new database would race CREATE TABLE (and the
                 # version rows); the lock is the database's, released with this connection.
@@ -409,6 +414,17 @@ class Store:
                 s.commit()
             count += 1
         return count
+
+
+def _unreachable(url: Any, exc: OperationalError) -> BackpropError:
+    said = str(exc.orig or exc).strip()
+    reason = said.splitlines()[0] if said else type(exc).__name__
+    shown = url.render_as_string(hide_password=True)  # the password never reaches a message or a log
+    return BackpropError(
+        ErrorCode.CONFIG_INVALID_SETTING,
+        f"Cannot reach the run store's database {shown}: {reason}",
+        hint="Check BACKPROPAGATE_DB_URL (host, port, database, user) and that the database server is running.",
+    )
 
 
 def _worker_alive(run: Run, run_dir: Path) -> bool:
