@@ -15,6 +15,7 @@ import reflex as rx
 from pydantic import ValidationError
 
 from backpropagate.config import DEMO_DEFAULTS, DEMO_STEPS, PRESETS, RunConfig, is_demo_model
+from backpropagate.data.preference import ACCEPTS, NEEDS, check_objective_fits
 from backpropagate.errors import BackpropError
 from ui_app.components.chat import preview_row
 from ui_app.components.layout import page
@@ -34,6 +35,25 @@ BASIC_FIELDS = [
 ]
 # Chosen in their own steps above the hyperparameters.
 STEP_FIELDS = {"data", "model", "method", "preset", "data_format"}
+# The objective is chosen beside the method; only the chosen objective's knobs are shown.
+OBJECTIVES = ["sft", "dpo", "orpo", "simpo", "kto"]
+OBJECTIVE_KNOBS: dict[str, list[str]] = {
+    "sft": [],
+    "dpo": ["beta", "dpo_loss_type", "label_smoothing"],
+    "orpo": ["orpo_lambda"],
+    "simpo": ["simpo_beta", "simpo_gamma"],
+    "kto": ["beta", "kto_desirable_weight", "kto_undesirable_weight"],
+}
+OBJECTIVE_FIELDS = {"objective"} | {k for knobs in OBJECTIVE_KNOBS.values() for k in knobs}
+# How the data check's format names read to a person.
+FORMAT_NAMES = {
+    "sharegpt": "ShareGPT chat",
+    "openai": "openai chat",
+    "alpaca": "Alpaca instructions",
+    "text": "raw text",
+    "preference": "preference pairs",
+    "kto": "KTO rated rows {prompt, completion, label}",
+}
 
 
 def _choices(annotation: Any) -> list[str]:
@@ -87,6 +107,36 @@ def field_specs() -> list[dict[str, Any]]:
 
 FIELDS = field_specs()
 DEFAULTS = {f["name"]: f["default"] for f in FIELDS}
+
+
+def knobs_shown(objective: str) -> list[str]:
+    """The knobs the form shows for ``objective`` (none for sft)."""
+    return list(OBJECTIVE_KNOBS.get(objective, []))
+
+
+def objective_fit(objective: str, formats: dict[str, str]) -> str:
+    """Why the checked file does not fit ``objective`` ("" when it does, or nothing is checked yet).
+
+    The engine's own rule (check_objective_fits) decides; this only words it for the page.
+    """
+    if not formats or objective not in ACCEPTS:
+        return ""
+    try:
+        check_objective_fits(objective, formats)
+    except BackpropError:
+        pass
+    else:
+        return ""
+    wrong = sorted({FORMAT_NAMES.get(f, f) for f in formats.values() if f not in ACCEPTS[objective]})
+    what = ("this file is " if len(formats) == 1 else "these files are ") + " and ".join(wrong)
+    if objective == "sft":
+        return (
+            "sft cannot train on KTO rated rows {prompt, completion, label}: the unwanted replies "
+            "would be learned as answers. Choose kto."
+        )
+    fitting = [o for o in OBJECTIVES if set(formats.values()) <= ACCEPTS[o]]
+    choose = f"Choose {' or '.join(fitting)}, or pick" if fitting else "Pick"
+    return f"{objective} needs {NEEDS[objective]}; {what}. {choose} a file that fits."
 
 
 def form_to_config(
@@ -160,6 +210,7 @@ class NewRunState(rx.State):
     examples: list[str] = []
     models: list[str] = []
     report: dict[str, Any] = {}
+    formats: dict[str, str] = {}  # the checked data set's format per file
     preview: list[dict[str, Any]] = []
     errors: list[dict[str, str]] = []
     histogram: list[dict[str, Any]] = []
@@ -169,9 +220,10 @@ class NewRunState(rx.State):
     gpu_text: str = ""
     message: str = ""
     busy: bool = False
+    picked_dataset: str = ""  # the previous upload picked in the select
 
     @rx.event
-    async def load(self) -> None:
+    async def load(self):
         self.examples = service.example_files()
         self.models = await service.list_models()
         try:
@@ -188,6 +240,25 @@ class NewRunState(rx.State):
             else "No GPU detected: training runs on the CPU."
         )
         self._estimate()
+        # /new?data=ID&objective=dpo (the Chat page's "Train on these ratings"): that data set, that objective.
+        query = self.router.url.query_parameters
+        if query.get("objective") in OBJECTIVES:
+            self._set_objective(query["objective"])
+        wanted = query.get("data", "")
+        if wanted and any(d["id"] == wanted for d in self.datasets):
+            async for _ in self._pick(wanted):
+                yield
+
+    def _set_objective(self, objective: str) -> None:
+        self.values["objective"] = objective
+        if "objective" not in self.touched:
+            self.touched.append("objective")
+        self.values = shown_values(self.values, self.touched)
+
+    @rx.var
+    def fit_problem(self) -> str:
+        """Why the checked data set does not fit the chosen objective ("" when it fits)."""
+        return objective_fit(self.values.get("objective", "sft"), self.formats)
 
     @rx.var
     def demo_note(self) -> str:
@@ -207,6 +278,8 @@ class NewRunState(rx.State):
             return "Checking the data set…"
         if not self.values.get("data"):
             return "Choose a data set above (upload, a previous upload or an example) to start."
+        if self.fit_problem:
+            return self.fit_problem
         if self.report.get("ok"):
             return ""
         if not self.report.get("rows"):
@@ -275,11 +348,13 @@ class NewRunState(rx.State):
                 data_format=self.values.get("data_format") or "auto",
             )
         except BackpropError as exc:
-            self.report, self.preview, self.histogram = {}, [], []
+            self.report, self.preview, self.histogram, self.formats = {}, [], [], {}
             self.errors = [{"where": "", "message": f"[{exc.code}] {exc.message}"}]
         except Exception as exc:  # noqa: BLE001 - shown to the user, the page stays usable
             self.report, self.errors = {}, [{"where": "", "message": f"{type(exc).__name__}: {exc}"}]
+            self.formats = {}
         else:
+            self.formats = {str(k): str(v) for k, v in (report.get("formats") or {}).items()}
             self.report = {
                 "ok": report.get("ok"),
                 "rows": report.get("rows"),
@@ -316,8 +391,13 @@ class NewRunState(rx.State):
 
     @rx.event
     async def pick_dataset(self, dataset_id: str):
+        async for _ in self._pick(dataset_id):
+            yield
+
+    async def _pick(self, dataset_id: str):
         rows = {d["id"]: d for d in await service.list_datasets()}
         if dataset_id in rows:
+            self.picked_dataset = dataset_id
             async for _ in self._check(rows[dataset_id]["stored_path"], rows[dataset_id]["original_name"]):
                 yield
 
@@ -425,6 +505,7 @@ def _data_step() -> rx.Component:
                     rx.select.content(
                         rx.foreach(s.datasets, lambda d: rx.select.item(d["label"], value=d["id"]))
                     ),
+                    value=s.picked_dataset,
                     on_change=NewRunState.pick_dataset,
                 ),
             ),
@@ -449,6 +530,14 @@ def _data_step() -> rx.Component:
                     " · over max length ", s.report["over_max_len"].to(str),
                     " · duplicates ", s.report["duplicates"].to(str),
                     id="data-summary",
+                ),
+                rx.cond(
+                    s.fit_problem != "",
+                    rx.callout(s.fit_problem, color_scheme="red", icon="triangle_alert", id="objective-fit"),
+                    rx.text(
+                        "Fits the ", s.values["objective"], " objective.",
+                        size="2", color_scheme="green", id="objective-fit",
+                    ),
                 ),
                 rx.cond(
                     s.histogram.length() > 0,
@@ -520,6 +609,16 @@ def _model_step() -> rx.Component:
                 ),
             ),
             rx.box(
+                rx.el.label("Objective", display="block"),
+                rx.select(
+                    OBJECTIVES,
+                    value=s.values["objective"],
+                    on_change=lambda v: NewRunState.set_value("objective", v),
+                    aria_label="Objective",
+                    id="field-objective",
+                ),
+            ),
+            rx.box(
                 rx.el.label("Preset", display="block"),
                 rx.select(
                     ["none", *PRESETS],
@@ -528,10 +627,12 @@ def _model_step() -> rx.Component:
                     aria_label="Preset",
                 ),
             ),
-            columns=rx.breakpoints(initial="1", sm="3"),
+            columns=rx.breakpoints(initial="1", sm="2", md="4"),
             gap="3",
             margin_y="0.75em",
         ),
+        rx.text(_OBJECTIVE_HELP, size="1", color_scheme="gray"),
+        _objective_knobs(),
         rx.text(s.gpu_text, size="2", id="gpu-text"),
         rx.text(s.memory, size="2", id="memory-estimate"),
         rx.cond(
@@ -541,9 +642,33 @@ def _model_step() -> rx.Component:
     )
 
 
+_OBJECTIVE_HELP = RunConfig.model_fields["objective"].description or ""
+
+
+def _objective_knobs() -> rx.Component:
+    """The chosen objective's knobs, each shown only while an objective that uses it is chosen."""
+    objective = NewRunState.values["objective"]
+    specs = {f["name"]: f for f in FIELDS}
+    knobs = list(dict.fromkeys(k for ks in OBJECTIVE_KNOBS.values() for k in ks))
+    shown = []
+    for knob in knobs:
+        users = [o for o, ks in OBJECTIVE_KNOBS.items() if knob in ks]
+        visible = objective == users[0]
+        for other in users[1:]:
+            visible = visible | (objective == other)
+        shown.append(rx.cond(visible, rx.box(_field_input(specs[knob]), class_name="objective-knob")))
+    return rx.grid(
+        *shown,
+        columns=rx.breakpoints(initial="1", sm="2", md="3"),
+        gap="3",
+        margin_y="0.5em",
+        id="objective-knobs",
+    )
+
+
 def _params_step() -> rx.Component:
     basic = [f for f in FIELDS if f["name"] in BASIC_FIELDS]
-    advanced = [f for f in FIELDS if f["name"] not in BASIC_FIELDS]
+    advanced = [f for f in FIELDS if f["name"] not in BASIC_FIELDS and f["name"] not in OBJECTIVE_FIELDS]
     return rx.card(
         rx.heading("3. Hyperparameters", size="4", as_="h2"),
         rx.cond(
