@@ -42,12 +42,13 @@ _SERVER_LOCKS: dict[Path, int] = {}  # lock file -> open descriptor, held for th
 
 
 def hold_server_lock(runs_dir: Path) -> None:
-    """Take ``runs_dir/.server.lock`` for this process, or refuse: another server schedules here.
+    """Take ``HOME/.server.lock`` (beside ``runs_dir``) for this process, or refuse: another server
+    schedules the runs here.
 
     A flock dies with its process, so a killed server never leaves a stale lock. Taking it again
     in the same process is a no-op. The descriptor is not inherited by workers (they outlive us).
     """
-    path = (Path(runs_dir) / ".server.lock").resolve()
+    path = (Path(runs_dir).resolve().parent / ".server.lock").resolve()  # not in runs/: no run folder
     if path in _SERVER_LOCKS:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -60,7 +61,7 @@ def hold_server_lock(runs_dir: Path) -> None:
         raise BackpropError(
             ErrorCode.CONFIG_INVALID_SETTING,
             f"another server{f' (pid {other})' if other else ''} already runs the runs of "
-            f"{path.parent.parent}: two would each start runs and ignore the other's stops",
+            f"{path.parent}: two would each start runs and ignore the other's stops",
             hint="Use that server (its --url), stop it first, or set BACKPROPAGATE_HOME to another folder.",
         ) from None
     os.ftruncate(fd, 0)
