@@ -70,3 +70,31 @@ def test_restarted_server_reattaches_to_a_foreground_run(tmp_path):
 
     run = asyncio.run(main())
     assert run.status == "completed" and run.step == 2
+
+
+def test_stream_of_a_foreground_run_started_under_a_running_server(tmp_path):
+    async def main():
+        service = RunService(Settings(home=tmp_path / "home"), gpu_indices=[])
+        await service.start()
+        run_dir = service.run_dir("fg")
+        run_dir.mkdir(parents=True)
+        service.store.add_run(Run(id="fg", status="running", pid=os.getpid()))
+        lock = take_run_lock(run_dir)
+        log = EventLog(run_dir / "events.jsonl", "fg")
+        log.append(RunStarted(pid=os.getpid(), total_steps=2))
+
+        async def collect() -> list[int]:
+            return [item.seq async for item in service.events("fg", heartbeat_s=0.2) if item is not None]
+
+        try:
+            got = asyncio.create_task(collect())
+            await asyncio.sleep(0.3)  # the stream is open before the run goes on
+            log.append(Step(step=1, total_steps=2, epoch=0.5, loss=1.0, lr=0.1))
+            log.append(Completed(step=2))
+            release_run_lock(lock)
+            return await asyncio.wait_for(got, 30)
+        finally:
+            log.close()
+            await service.close()
+
+    assert asyncio.run(main()) == [1, 2, 3]

@@ -8,8 +8,8 @@ import time
 
 from backpropagate.events import EventLog, Step
 from backpropagate.runs import hub as hub_module
+from backpropagate.runs.fold import downsample
 from backpropagate.runs.hub import EventHub, LogTail
-from backpropagate.runs.metrics import downsample
 from backpropagate.runs.store import Run, Store
 
 

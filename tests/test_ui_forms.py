@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 from pathlib import Path
 
@@ -10,6 +9,7 @@ import pytest
 
 from backpropagate.config import RunConfig
 from backpropagate.errors import BackpropError, ErrorCode
+from backpropagate.runs.hub import LogTail
 from ui_app.pages.new_run import DEFAULTS, FIELDS, STEP_FIELDS, form_to_config
 from ui_app.pages.runs import run_row
 from ui_app.state import service
@@ -69,17 +69,19 @@ def test_run_row_formats_progress_eta_and_gpu() -> None:
 
 
 def test_event_tail_reads_only_whole_lines(isolated_home: Path) -> None:
+    # The run page follows the hub's stream; its one incremental reader is hub.LogTail.
     run_dir = isolated_home / "runs" / "r1"
     run_dir.mkdir(parents=True)
     log = run_dir / "events.jsonl"
     first = json.dumps({"type": "status", "seq": 1, "status": "running"})
-    log.write_text(first + "\n" + '{"type": "step", "se')  # a write in progress
-    tail = service.EventTail("r1")
-    assert [e["seq"] for e in asyncio.run(tail.read())] == [1]
+    second = json.dumps({"type": "status", "seq": 2, "status": "paused"})
+    log.write_text(first + "\n" + second[:12])  # a write in progress
+    tail = LogTail(log)
+    assert [e.seq for e in tail.read()] == [1]
     with log.open("a") as fh:
-        fh.write('q": 2}\n')
-    assert [e["seq"] for e in asyncio.run(tail.read())] == [2]
-    assert asyncio.run(tail.read()) == []
+        fh.write(second[12:] + "\n")
+    assert [e.seq for e in tail.read()] == [2]
+    assert tail.read() == []
 
 
 def test_run_dir_refuses_paths() -> None:

@@ -11,6 +11,7 @@ def _events(objective: str) -> list[dict]:
         "type": "run_started",
         "seq": 1,
         "ts": 1.0,
+        "pid": 1,
         "config": {"objective": objective},
         "total_steps": 2,
     }

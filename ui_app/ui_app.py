@@ -15,6 +15,7 @@ import reflex as rx
 from backpropagate.server.app import create_app
 from backpropagate.server.security import build_guard, load_launch_policy
 from ui_app.pages import PAGES
+from ui_app.state import service
 
 # The logo of assets/favicon.svg, inlined: `backprop ui` builds in its own folder, without assets/.
 FAVICON = "data:image/svg+xml," + quote(
@@ -44,7 +45,11 @@ async def api_lifespan() -> AsyncIterator[None]:
     app mounted inside it, so the API's lifespan runs as a Reflex lifespan task instead.
     """
     async with api.router.lifespan_context(api):
-        yield
+        service.use_service(api.state.service, api.state)  # the pages' explicit handle
+        try:
+            yield
+        finally:
+            service.use_service(None)
 
 
 app.register_lifespan_task(api_lifespan)

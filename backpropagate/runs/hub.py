@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from backpropagate.events import FINAL_TYPES, EventBase, parse_log_line
+from backpropagate.events import FINAL_TYPES, EventBase, RunDeleted, RunStatusMessage, parse_log_line
 from backpropagate.logs import get_logger
 from backpropagate.runs.store import Run, Store
 
@@ -172,7 +172,9 @@ class EventHub:
                         run = await asyncio.to_thread(
                             self.store.apply_events, run_id, [e.event for e in fresh]
                         )
-                        last_seq = run.last_seq
+                        # What this tail has read, not the row's last_seq: a foreground run's own
+                        # store sync may be ahead of it, and its events must still be fanned out.
+                        last_seq = fresh[-1].seq
                         for event in fresh:
                             self._publish(run_id, event)
                         if run.status != before or any(e.type == "step" for e in fresh):
@@ -218,7 +220,7 @@ class EventHub:
 
     def publish_deleted(self, run_id: str) -> None:
         for sub in list(self._status_subs):
-            sub.offer({"type": "run_deleted", "run_id": run_id, "ts": time.time()})
+            sub.offer(RunDeleted(run_id=run_id, ts=time.time()))
 
     def subscribe(self, run_id: str | None) -> Subscription:
         sub = Subscription(run_id=run_id)
@@ -320,15 +322,14 @@ def _read_after(path: Path, after: int) -> list[Line]:
     return [line for line in parse_lines(lines[start:], path, start + 1) if line.seq > after]
 
 
-def run_status_message(run: Run) -> dict[str, Any]:
+def run_status_message(run: Run) -> RunStatusMessage:
     """What /api/events sends when a run changes."""
-    return {
-        "type": "run_status",
-        "run_id": run.id,
-        "status": run.status,
-        "step": run.step,
-        "total_steps": run.total_steps,
-        "loss": run.loss,
-        "error_code": run.error_code,
-        "ts": time.time(),
-    }
+    return RunStatusMessage(
+        run_id=run.id,
+        status=run.status,
+        step=run.step,
+        total_steps=run.total_steps,
+        loss=run.loss,
+        error_code=run.error_code,
+        ts=time.time(),
+    )

@@ -326,6 +326,22 @@ class Scheduler:
     def is_active(self, run: Run) -> bool:
         return run.id in self.workers or run.status in ACTIVE_STATUSES
 
+    async def adopt(self, run_id: str) -> None:
+        """Follow a run this server did not start while a process trains it (a foreground
+        `backprop train` or Trainer holding the run's lock), so its events reach the hub."""
+        if run_id in self.workers or self.hub.is_live(run_id):
+            return
+        run = await asyncio.to_thread(self.store.find_run, run_id)
+        run_dir = self.run_dir(run_id)
+        if run is None or run.status not in ("running", "paused") or run_id in self.workers:
+            return
+        if not await asyncio.to_thread(run_alive, run.pid, run_dir):
+            return
+        worker = Worker(run.id, run.pid or 0, list(run.gpus or []))
+        self.workers[run.id] = worker
+        log.info("following run %s trained by pid %s", run.id, run.pid)
+        self.hub.watch(run.id, lambda: worker.alive(run_dir), self._on_end)
+
     # Restart ------------------------------------------------------------------
     async def recover(self) -> None:
         """On server start: re-attach live workers, settle dead ones, re-queue queued runs."""

@@ -11,13 +11,14 @@ import asyncio
 import json
 import shutil
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 from backpropagate.config import RunConfig
 from backpropagate.errors import BackpropError, ErrorCode
 from backpropagate.events import ACTIVE_STATUSES, RESUMABLE_STATUSES
-from backpropagate.runs.hub import EventHub
+from backpropagate.runs.hub import HEARTBEAT_S, EventHub, Line
 from backpropagate.runs.ids import create_run_dir
 from backpropagate.runs.inputs import check_data_still_there, check_run_inputs
 from backpropagate.runs.scheduler import Scheduler
@@ -75,6 +76,17 @@ class RunService:
 
     def run_dir(self, run_id: str) -> Path:
         return self.runs_dir / run_id
+
+    async def events(
+        self, run_id: str, after: int = 0, heartbeat_s: float = HEARTBEAT_S
+    ) -> AsyncIterator[Line | None]:
+        """The run's one typed stream, which the WebSocket and the web app's run page follow:
+        events with seq > ``after``, history then live, without gaps; ``None`` is a heartbeat.
+        STATE_RUN_NOT_FOUND for an unknown run; a run trained in the foreground is followed too."""
+        await self.get(run_id)
+        await self.scheduler.adopt(run_id)
+        async for item in self.hub.stream(run_id, after, heartbeat_s=heartbeat_s):
+            yield item
 
     # Rules --------------------------------------------------------------------
     async def check(self, config: RunConfig) -> RunConfig:

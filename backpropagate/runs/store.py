@@ -24,7 +24,8 @@ from sqlmodel import JSON, Column, Field, Session, SQLModel, create_engine, sele
 
 from backpropagate import events
 from backpropagate.errors import BackpropError, ErrorCode
-from backpropagate.events import FINAL_TYPES, EventBase, RunStatus, read_events
+from backpropagate.events import Checkpoint, EventBase, RunStatus, read_events
+from backpropagate.runs.fold import fold_summary
 
 # The status sets live with the event schema; re-exported for the store's callers.
 ACTIVE_STATUSES = events.ACTIVE_STATUSES
@@ -139,54 +140,18 @@ def normalize_url(url: str) -> str:
 
 
 def apply_event(run: Run, event: EventBase) -> CheckpointRow | None:
-    """Fold one event into a run row (the one place the log's meaning for the store is defined)."""
-    kind = event.type  # type: ignore[attr-defined]
-    run.last_seq = max(run.last_seq, event.seq)
-    checkpoint = None
-    if kind == "run_started":
-        run.status = "running"
-        run.started_at = event.ts
-        run.ended_at = None
-        run.pid = event.pid  # type: ignore[attr-defined]
-        run.exit_code = run.error_code = run.error_message = None
-        if event.total_steps:  # type: ignore[attr-defined]
-            run.total_steps = event.total_steps  # type: ignore[attr-defined]
-    elif kind == "status":
-        if event.status not in ("queued",):  # type: ignore[attr-defined]
-            run.status = event.status  # type: ignore[attr-defined]
-    elif kind == "step":
-        run.step = event.step  # type: ignore[attr-defined]
-        run.total_steps = event.total_steps  # type: ignore[attr-defined]
-        run.loss = event.loss  # type: ignore[attr-defined]
-        run.tokens_per_s = event.tokens_per_s  # type: ignore[attr-defined]
-    elif kind == "paused":
-        run.status = "paused"
-    elif kind == "resumed":
-        run.status = "running"
-    elif kind == "checkpoint":
-        checkpoint = CheckpointRow(
-            run_id=run.id,
-            step=event.step,  # type: ignore[attr-defined]
-            path=event.path,  # type: ignore[attr-defined]
-            bytes=event.bytes,  # type: ignore[attr-defined]
-            best=event.best,  # type: ignore[attr-defined]
-            created_at=event.ts,
-        )
-    elif kind in FINAL_TYPES:
-        run.status = kind
-        run.ended_at = event.ts
-        if kind == "completed":
-            metrics = dict(event.metrics)  # type: ignore[attr-defined]
-            for key in ("final_loss", "eval_loss", "runtime_s"):
-                if getattr(event, key, None) is not None:
-                    metrics[key] = getattr(event, key)
-            run.final_metrics = metrics
-            run.step = event.step or run.step  # type: ignore[attr-defined]
-        elif kind == "failed":
-            run.error_code = event.code  # type: ignore[attr-defined]
-            run.error_message = event.message  # type: ignore[attr-defined]
-            run.exit_code = event.exit_code  # type: ignore[attr-defined]
-    return checkpoint
+    """Fold one event into a run row (the one reducer, runs/fold.py); a checkpoint's row to add."""
+    fold_summary(run, event)
+    if not isinstance(event, Checkpoint):
+        return None
+    return CheckpointRow(
+        run_id=run.id,
+        step=event.step,
+        path=event.path,
+        bytes=event.bytes,
+        best=event.best,
+        created_at=event.ts,
+    )
 
 
 class Store:

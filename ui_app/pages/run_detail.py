@@ -10,6 +10,8 @@ from typing import Any
 import reflex as rx
 
 from backpropagate.errors import BackpropError
+from backpropagate.events import ACTIVE_STATUSES
+from backpropagate.logs import get_logger
 from ui_app.components.charts import loss_chart, metric_chart
 from ui_app.components.layout import page
 from ui_app.components.panels import gpu_panel, log_tail, stat, timeline
@@ -20,10 +22,12 @@ from ui_app.state.runview import RunView, human_label, status_text
 # At most this many state pushes per second reach the browser, however fast events arrive.
 PUSH_INTERVAL_S = 0.4
 STORE_CHECK_S = 2.0
+ACTIVE = frozenset(str(s) for s in ACTIVE_STATUSES)
+log = get_logger(__name__)
 
 
 class RunDetailState(rx.State):
-    """What the run page shows; filled by one background task that follows the event log."""
+    """What the run page shows; filled by one background task that follows the hub's stream."""
 
     run_id: str = ""
     name: str = ""
@@ -81,7 +85,7 @@ class RunDetailState(rx.State):
 
     @rx.event(background=True)
     async def follow(self) -> None:
-        """Replay the log from the start, then follow it; push at most every PUSH_INTERVAL_S."""
+        """Follow the hub's stream of the run (history, then live); push at most every PUSH_INTERVAL_S."""
         async with self:
             run_id = self.run_id
             if self._task_run.split("#")[0] == run_id or not run_id:
@@ -89,24 +93,21 @@ class RunDetailState(rx.State):
             # a token of its own, so a task that ends never clears the marker of its successor
             mine = self._task_run = f"{run_id}#{uuid.uuid4().hex}"
         view = RunView(run_id=run_id)
+        seen = {"changed": False, "row": {}}
+        reader = asyncio.create_task(_read_stream(view, seen))
         try:
-            tail = service.EventTail(run_id)
             store_checked = 0.0
-            row: dict[str, Any] = {}
             while True:
-                events = await tail.read()
-                changed = False
-                for ev in events:
-                    changed |= view.apply(ev)
+                changed, seen["changed"] = seen["changed"], False
                 now = time.monotonic()
                 if now - store_checked > STORE_CHECK_S:
                     store_checked = now
                     try:
-                        row = await service.get_run(run_id)
+                        seen["row"] = await service.get_run(run_id)
                     except BackpropError as exc:
-                        row = {"error": f"[{exc.code}] {exc.message}"}
-                    except Exception:  # noqa: BLE001 - the log alone still draws the page
-                        row = {}
+                        seen["row"] = {"error": f"[{exc.code}] {exc.message}"}
+                    except Exception:  # noqa: BLE001 - the events alone still draw the page
+                        seen["row"] = {}
                     changed = True
                 text = await service.log_tail(run_id) if changed else None
                 async with self:
@@ -116,9 +117,10 @@ class RunDetailState(rx.State):
                             self._task_run = ""
                         break
                     if changed:
-                        self._push(view, row, text)
+                        self._push(view, seen["row"], text)
                 await asyncio.sleep(PUSH_INTERVAL_S)
         finally:
+            reader.cancel()
             async with self:
                 if self._task_run == mine:
                     self._task_run = ""
@@ -173,6 +175,27 @@ class RunDetailState(rx.State):
     @rx.event
     async def clone(self) -> Any:
         return await self._action("clone")
+
+
+async def _read_stream(view: RunView, seen: dict[str, Any]) -> None:
+    """Fold the run's stream into ``view`` as events arrive; the push loop sends what changed.
+
+    The stream ends with the run; a resume queues it again (the store row, polled by the push
+    loop, says so), and the stream is followed again from the last seq seen.
+    """
+    while True:
+        try:
+            async for event in service.follow_events(view.run_id, view.last_seq):
+                if view.apply(event):
+                    seen["changed"] = True
+        except BackpropError:
+            pass  # no such run (yet): the store row shows the error; try again later
+        except Exception:  # noqa: BLE001 - a broken stream must not freeze the page for good
+            log.exception("following run %s failed; following it again", view.run_id)
+        while True:
+            await asyncio.sleep(STORE_CHECK_S)
+            if seen["row"].get("status") in ACTIVE:
+                break
 
 
 def _fmt(value: Any) -> str:

@@ -37,30 +37,12 @@ def quantizations(fmt: str, have_llama: bool) -> list[str]:
     return choices if have_llama else [q for q in choices if "_k" not in q]
 
 
-def _api_state() -> Any:
-    """The API app's ``app.state`` (it holds the RunService and the export jobs), or None."""
-    from reflex.utils.prerequisites import get_app
-
-    rx_app = getattr(get_app(), "app", None)
-    transformers = getattr(rx_app, "api_transformer", None) or []
-    if not isinstance(transformers, (list, tuple)):
-        transformers = [transformers]
-    for t in transformers:
-        state = getattr(t, "state", None)
-        if getattr(state, "service", None) is not None:
-            return state
-    return None
-
-
 def export_jobs() -> Any:
     """The ExportJobs of this server process: the API's own when it has one, so servers are shared."""
     global _local_jobs
     from backpropagate.runs.exports import ExportJobs
 
-    try:
-        state = _api_state()
-    except Exception:  # noqa: BLE001 - no Reflex app here: use one of our own below
-        state = None
+    state = service.api_state()
     if state is not None:
         if getattr(state, "export_jobs", None) is None:
             state.export_jobs = ExportJobs(state.settings)

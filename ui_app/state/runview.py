@@ -1,7 +1,8 @@
-"""Fold a run's event log into what the pages show: summary, bounded chart series, timeline, GPUs.
+"""What the pages show of a run: the one reducer (backpropagate/runs/fold.py) plus the timeline,
+the ETA, GPU cards and formatting.
 
-Pure functions over events (dicts in the wire format of backpropagate/events.py), so a page
-that reconnects replays from its last seq and ends in exactly the state of one that never left.
+Pure functions over typed events, so a page that reconnects replays from its last seq and ends in
+exactly the state of one that never left.
 """
 
 from __future__ import annotations
@@ -10,7 +11,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from backpropagate.events import RunStatus
+from backpropagate.events import Completed, EventBase, RunStarted, RunStatus, Step, parse_event
+from backpropagate.runs.fold import RunFold, downsample
+
+__all__ = ["MAX_CHART_POINTS", "RunView", "config_diff", "downsample", "gpu_card", "status_text"]
 
 MAX_CHART_POINTS = 1000
 TIMELINE_LIMIT = 200
@@ -131,141 +135,43 @@ def timeline_entry(ev: dict[str, Any]) -> dict[str, str]:
     }
 
 
-def downsample(points: list[dict[str, Any]], max_points: int = MAX_CHART_POINTS, key: str = "loss") -> list:
-    """At most ``max_points`` rows, keeping first and last and each bucket's min and max of ``key``.
-
-    Keeping extremes (not averages) preserves the shape of spikes a user wants to see.
-    """
-    n = len(points)
-    if n <= max_points:
-        return list(points)
-    inner = points[1:-1]
-    buckets = max(1, (max_points - 2) // 2)
-    size = len(inner) / buckets
-    out = [points[0]]
-    for b in range(buckets):
-        chunk = inner[int(b * size) : int((b + 1) * size)]
-        if not chunk:
-            continue
-        vals = [(p.get(key) if p.get(key) is not None else math.inf, i) for i, p in enumerate(chunk)]
-        lo = min(vals)[1]
-        hi = max((v if v != math.inf else -math.inf, i) for v, i in vals)[1]
-        for i in sorted({lo, hi}):
-            out.append(chunk[i])
-    out.append(points[-1])
-    return out
-
-
 @dataclass
-class RunView:
-    """Accumulates the events of one run; ``apply`` is idempotent per seq (replays are safe)."""
+class RunView(RunFold):
+    """The run page's fold: the one reducer's fields and series, plus the timeline, the result
+    and the ETA; ``apply`` is idempotent per seq (replays are safe)."""
 
-    run_id: str = ""
-    last_seq: int = 0
-    status: str = "queued"
-    phase: str = ""
-    step: int = 0
-    total_steps: int = 0
-    loss: float | None = None
-    lr: float | None = None
-    grad_norm: float | None = None
-    tokens_per_s: float | None = None
-    micro_batch: int | None = None
-    started_ts: float | None = None
-    ended_ts: float | None = None
-    device: str = ""
-    backend: str = ""
-    config: dict[str, Any] = field(default_factory=dict)
-    steps: list[dict[str, Any]] = field(default_factory=list)
-    evals: list[dict[str, Any]] = field(default_factory=list)
     timeline: list[dict[str, str]] = field(default_factory=list)
-    gpus: list[dict[str, Any]] = field(default_factory=list)
     final: dict[str, Any] = field(default_factory=dict)
-    checkpoints: list[dict[str, Any]] = field(default_factory=list)
-    error_code: str = ""
-    error_message: str = ""
     # (ts, step) of recent steps, for the ETA
     _recent: list[tuple[float, int]] = field(default_factory=list)
 
-    def apply(self, ev: dict[str, Any]) -> bool:
-        """Fold one event in; False when it was already seen (seq not after the last one)."""
-        seq = int(ev.get("seq", 0))
-        if seq and seq <= self.last_seq:
+    def apply(self, event: EventBase | dict[str, Any]) -> bool:  # type: ignore[override]
+        """Fold one event (typed, or its JSON object) in; False when it was already seen."""
+        ev = event if isinstance(event, EventBase) else parse_event(event)
+        before = self.status
+        if not super().apply(ev):
             return False
-        self.last_seq = max(self.last_seq, seq)
-        t = ev.get("type")
-        ts = ev.get("ts")
-        if t == "run_started":
-            self.status = "running"
-            self.started_ts = self.started_ts or ts
-            self.ended_ts = None
-            self.device = ev.get("device") or self.device
-            self.backend = ev.get("backend") or self.backend
-            self.config = ev.get("config") or self.config
-            self.total_steps = ev.get("total_steps") or self.total_steps
+        if isinstance(ev, RunStarted):
             self.final = {}
-            self.error_code = self.error_message = ""
             self._recent.clear()
-        elif t == "status":
-            self.status = ev.get("status") or self.status
-            self.phase = ev.get("phase") or ""
-        elif t == "step":
-            if self.status in ("queued", "interrupted"):
-                self.status = "running"
-            self.step = ev["step"]
-            self.total_steps = ev.get("total_steps") or self.total_steps
-            self.loss, self.lr = ev.get("loss"), ev.get("lr")
-            self.grad_norm, self.tokens_per_s = ev.get("grad_norm"), ev.get("tokens_per_s")
-            self.micro_batch = ev.get("micro_batch") or self.micro_batch
-            # a resumed run repeats steps after its checkpoint: the newer value replaces the older
-            while self.steps and self.steps[-1]["step"] >= self.step:
-                self.steps.pop()
-            point = {
-                "step": self.step,
-                "loss": self.loss,
-                "lr": self.lr,
-                "grad_norm": self.grad_norm,
-                "tokens_per_s": self.tokens_per_s,
-            }
-            for key in PREFERENCE_KEYS:  # only preference objectives report them
-                if ev.get(key) is not None:
-                    point[key] = ev[key]
-            self.steps.append(point)
-            if ts is not None:
-                self._recent = [*self._recent[-19:], (float(ts), self.step)]
-        elif t == "eval":
-            while self.evals and self.evals[-1]["step"] >= ev["step"]:
-                self.evals.pop()
-            self.evals.append(
-                {"step": ev["step"], "eval_loss": ev.get("loss"), "perplexity": ev.get("perplexity")}
-            )
-        elif t == "gpu":
-            self.gpus = [gpu_card(d) for d in ev.get("devices", [])]
-        elif t == "checkpoint":
-            self.checkpoints.append(
-                {"step": ev.get("step"), "path": ev.get("path"), "bytes": ev.get("bytes")}
-            )
-        elif t == "paused":
-            self.status = "paused"
-        elif t == "resumed":
-            self.status = "running"
-        elif t == "oom_recovered":
-            self.micro_batch = ev.get("new_micro_batch")
-        elif t == "completed":
-            self.status, self.ended_ts = "completed", ts
+        elif isinstance(ev, Step):
+            if before in ("queued", "interrupted"):  # steps arriving say more than a stale status
+                self.status = RunStatus.RUNNING
+            self._recent = [*self._recent[-19:], (float(ev.ts), ev.step)]
+        elif isinstance(ev, Completed):
             self.final = {
-                k: ev.get(k) for k in ("step", "final_loss", "eval_loss", "adapter_path", "runtime_s")
+                k: getattr(ev, k) for k in ("step", "final_loss", "eval_loss", "adapter_path", "runtime_s")
             }
-            self.final.update(ev.get("metrics") or {})
-        elif t == "failed":
-            self.status, self.ended_ts = "failed", ts
-            self.error_code, self.error_message = ev.get("code", ""), ev.get("message", "")
-        elif t == "cancelled":
-            self.status, self.ended_ts = "cancelled", ts
-        if t in TIMELINE_TYPES:
-            self.timeline.append(timeline_entry(ev))
+            self.final.update(ev.metrics)
+        if ev.type in TIMELINE_TYPES:  # type: ignore[attr-defined]
+            self.timeline.append(timeline_entry(ev.model_dump(mode="json")))
             del self.timeline[:-TIMELINE_LIMIT]
         return True
+
+    @property
+    def gpus(self) -> list[dict[str, Any]]:
+        """The GPU panel's cards, from the last telemetry sample."""
+        return [gpu_card(d) for d in self.gpu_devices]
 
     @property
     def preference(self) -> bool:
@@ -291,18 +197,18 @@ class RunView:
     def chart_points(self, max_points: int = MAX_CHART_POINTS) -> list[dict[str, Any]]:
         """Train and eval loss on one step axis, bounded to ``max_points`` rows."""
         rows = downsample(self.steps, max_points)
-        by_step = {r["step"]: dict(r) for r in rows}
+        by_step = {r["step"]: _chart_row(r) for r in rows}
         for e in self.evals:
-            by_step.setdefault(e["step"], {"step": e["step"]})["eval_loss"] = e["eval_loss"]
+            by_step.setdefault(e["step"], {"step": e["step"]})["eval_loss"] = e["loss"]
         return [by_step[s] for s in sorted(by_step)]
 
     def summary(self) -> dict[str, Any]:
         """The scalar fields the runs table and the run header show, as strings where formatted."""
         return {
-            "status": self.status,
+            "status": str(self.status),
             "phase": self.phase,
             "step": self.step,
-            "total_steps": self.total_steps,
+            "total_steps": self.total_steps or 0,
             "progress": self.progress_pct,
             "loss": "" if self.loss is None else f"{self.loss:.4f}",
             "lr": "" if self.lr is None else f"{self.lr:.2e}",
@@ -313,6 +219,13 @@ class RunView:
             "device": self.device,
             "backend": self.backend,
         }
+
+
+def _chart_row(point: dict[str, Any]) -> dict[str, Any]:
+    """A step point as the charts draw it: reward keys only where a preference objective reports them."""
+    row = {k: point.get(k) for k in ("step", "loss", "lr", "grad_norm", "tokens_per_s")}
+    row.update({k: point[k] for k in PREFERENCE_KEYS if point.get(k) is not None})
+    return row
 
 
 def gpu_card(d: dict[str, Any], warn_c: float = 80.0, pause_c: float = 90.0) -> dict[str, Any]:

@@ -10,7 +10,8 @@ from fastapi import APIRouter, Body, Query, Response
 from pydantic import BaseModel
 
 from backpropagate.config import RunConfig
-from backpropagate.runs.metrics import downsample, read_metrics
+from backpropagate.runs.fold import downsample
+from backpropagate.runs.metrics import read_metrics
 from backpropagate.runs.store import Run
 from backpropagate.server.routes.deps import ServiceDep
 
