@@ -117,6 +117,23 @@ def render_events() -> str:
             req = "yes" if info.is_required() else "no"
             lines.append(f"| `{field}` | {_type_name(info.annotation)} | {req} |")
         lines.append("")
+    lines += [
+        "# Other WebSocket messages",
+        "",
+        "Besides events, the WebSockets (docs/api.md) send these messages. They have no `seq` and are",
+        "never in a log. A stream that is refused (an unknown run) sends one `error` event with",
+        "`seq` 0 before it closes. `backpropagate.events.parse_wire` parses any message.",
+        "",
+    ]
+    for cls in events.WIRE_TYPES:
+        name = cls.model_fields["type"].default
+        lines += [f"## `{name}`", "", inspect.cleandoc(cls.__doc__ or ""), ""]
+        lines += ["| field | type | required |", "| --- | --- | --- |"]
+        for field, info in cls.model_fields.items():
+            if field != "type":
+                req = "yes" if info.is_required() else "no"
+                lines.append(f"| `{field}` | {_type_name(info.annotation)} | {req} |")
+        lines.append("")
     return "\n".join(lines)
 
 

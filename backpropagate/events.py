@@ -343,6 +343,58 @@ class EventLog:
         self.close()
 
 
+# Wire messages that are not events ------------------------------------------------------------
+# The WebSockets send events as above, and these: they have no ``seq`` and are never in a log.
+
+
+class WireMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Heartbeat(WireMessage):
+    """Sent on an idle socket every 15 s (both WebSockets); ignore it."""
+
+    type: Literal["heartbeat"] = "heartbeat"
+
+
+class RunStatusMessage(WireMessage):
+    """`/api/events`: a run changed status or made progress (and, on connect, each active run)."""
+
+    type: Literal["run_status"] = "run_status"
+    run_id: str
+    status: RunStatus
+    step: int = 0
+    total_steps: int | None = None
+    loss: float | None = None
+    error_code: str | None = None
+    ts: float
+
+
+class RunDeleted(WireMessage):
+    """`/api/events`: a run and its folder were deleted."""
+
+    type: Literal["run_deleted"] = "run_deleted"
+    run_id: str
+    ts: float
+
+
+WIRE_TYPES: tuple[type[WireMessage], ...] = (Heartbeat, RunStatusMessage, RunDeleted)
+# What a WebSocket may send: an event (a refusal is an ``error`` event with seq 0: not from the
+# log), or one of the messages above.
+Wire = Annotated[Event | Heartbeat | RunStatusMessage | RunDeleted, Field(discriminator="type")]
+_wire_adapter: TypeAdapter[Any] = TypeAdapter(Wire)
+
+
+def parse_wire(data: dict[str, Any] | str | bytes) -> EventBase | WireMessage:
+    """Parse one WebSocket message (a JSON text or its object)."""
+    if isinstance(data, (str, bytes)):
+        return _wire_adapter.validate_json(data)
+    return _wire_adapter.validate_python(data)
+
+
+HEARTBEAT_JSON = Heartbeat().model_dump_json()
+
+
 def event_json(event: EventBase) -> str:
     """The JSON text of an event, as it appears in the log and on the wire."""
     return event.model_dump_json()
@@ -357,5 +409,6 @@ __all__ = [
     "SCHEMA_VERSION", "EventBase", "Event", "EventLog", "parse_event", "read_events", "event_json",
     "RunStarted", "Status", "Step", "GpuDevice", "Gpu", "Eval", "Checkpoint", "Paused", "Resumed",
     "OomRecovered", "Warning_", "Error", "Completed", "Failed", "Cancelled", "FINAL_TYPES",
-    "TERMINAL_STATUSES", "RunStatus",
+    "TERMINAL_STATUSES", "RunStatus", "WireMessage", "Heartbeat", "RunStatusMessage", "RunDeleted",
+    "WIRE_TYPES", "Wire", "parse_wire", "HEARTBEAT_JSON",
 ]  # fmt: skip

@@ -8,54 +8,46 @@ dicts and lists that Reflex can send to the browser; errors stay ``BackpropError
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from backpropagate.errors import BackpropError, ErrorCode, disk_full_error
-from backpropagate.events import read_events
+from backpropagate.events import EventBase, read_events
 from backpropagate.settings import get_settings
 
+if TYPE_CHECKING:
+    from starlette.datastructures import State
 
-def _from_reflex_app() -> Any:
-    """The service the API app wired into this Reflex app holds (``app.state.service``)."""
-    from reflex.utils.prerequisites import get_app
-
-    rx_app = getattr(get_app(), "app", None)
-    transformers = getattr(rx_app, "api_transformer", None) or []
-    if not isinstance(transformers, (list, tuple)):
-        transformers = [transformers]
-    for t in transformers:
-        svc = getattr(getattr(t, "state", None), "service", None)
-        if svc is not None:
-            return svc
-    return None
+    from backpropagate.runs.service import RunService
 
 
-_override: Any = None
+# Handed over by ui_app.py when the API's lifespan has started its RunService: the pages get the
+# server's one service explicitly, typed, instead of looking for it inside the Reflex app.
+_service: RunService | None = None
+_api_state: State | None = None
 
 
-def use_service(service: Any) -> None:
-    """Make the pages use ``service`` (for an app that wires its RunService another way)."""
-    global _override
-    _override = service
+def use_service(service: RunService | None, api_state: State | None = None) -> None:
+    """Give the pages ``service`` (and the API app's state, which holds shared export jobs);
+    ``None`` takes it back when the server stops."""
+    global _service, _api_state
+    _service, _api_state = service, api_state
 
 
-def run_service() -> Any:
+def run_service() -> RunService:
     """The RunService of this server process."""
-    svc = _override
-    if svc is None:
-        try:
-            svc = _from_reflex_app()
-        except Exception:  # noqa: BLE001 - reported below as the service being unavailable
-            svc = None
-    if svc is None:
+    if _service is None:
         raise BackpropError(
             ErrorCode.RUNTIME_INTERNAL,
             "The run service is not available in this process; start the web app with `backprop ui`.",
         )
-    return svc
+    return _service
+
+
+def api_state() -> State | None:
+    """The API app's ``app.state`` when the pages run beside the API (export jobs are kept there)."""
+    return _api_state
 
 
 def _as_dict(obj: Any) -> dict[str, Any]:
@@ -110,39 +102,27 @@ def run_dir(run_id: str) -> Path:
     return path
 
 
-def _read_events_sync(run_id: str, after: int, limit: int) -> list[dict[str, Any]]:
+def _read_events_sync(run_id: str, after: int, limit: int) -> list[EventBase]:
     out = []
     for ev in read_events(run_dir(run_id) / "events.jsonl", after=after):
-        out.append(ev.model_dump(mode="json"))
+        out.append(ev)
         if len(out) >= limit:
             break
     return out
 
 
-async def read_run_events(run_id: str, after: int = 0, limit: int = 5000) -> list[dict[str, Any]]:
+async def read_run_events(run_id: str, after: int = 0, limit: int = 5000) -> list[EventBase]:
     """Events after ``after`` from the run's log (the source of truth), read off the event loop."""
     return await asyncio.to_thread(_read_events_sync, run_id, after, limit)
 
 
-class EventTail:
-    """Reads a run's events.jsonl incrementally from a byte offset (only whole lines)."""
-
-    def __init__(self, run_id: str) -> None:
-        self.path = run_dir(run_id) / "events.jsonl"
-        self.offset = 0
-
-    def _read(self, limit_bytes: int) -> list[dict[str, Any]]:
-        if not self.path.exists():
-            return []
-        with self.path.open("rb") as fh:
-            fh.seek(self.offset)
-            chunk = fh.read(limit_bytes)
-        end = chunk.rfind(b"\n") + 1  # a torn last line is read again once the writer finishes it
-        self.offset += end
-        return [json.loads(line) for line in chunk[:end].splitlines() if line.strip()]
-
-    async def read(self, limit_bytes: int = 4 << 20) -> list[dict[str, Any]]:
-        return await asyncio.to_thread(self._read, limit_bytes)
+async def follow_events(run_id: str, after: int = 0) -> AsyncIterator[EventBase]:
+    """The run's events after ``after``, history then live: the hub's stream, the same one the
+    WebSocket serves (ends when the run has ended; a resume is followed by streaming again)."""
+    run_dir(run_id)  # a browser-sent id must name a plain folder inside runs_dir
+    async for line in run_service().events(run_id, after):
+        if line is not None:  # None is a heartbeat
+            yield line.event
 
 
 async def log_tail(run_id: str, lines: int = 40) -> str:
@@ -230,15 +210,12 @@ async def validate(path: str, model: str, max_seq_len: int, data_format: str = "
     """The data engineer's validation report (rows, format, histogram, errors with line numbers).
 
     ``path`` goes through the API's path policy first; a path outside it raises INPUT_PATH_TRAVERSAL.
+    The check runs in a subprocess, as the API's: a tokenizer never loads in the server process.
     """
-    from backpropagate.data import validate_dataset
+    from backpropagate.runs.datacheck import check_data
 
     path = await asyncio.to_thread(data_path, path)
-
-    report = await asyncio.to_thread(
-        validate_dataset, path, model=model, max_seq_len=max_seq_len, data_format=data_format, preview_rows=5
-    )
-    return json.loads(report.model_dump_json()) if hasattr(report, "model_dump_json") else _as_dict(report)
+    return await check_data(path, model=model, max_seq_len=max_seq_len, data_format=data_format, preview=5)
 
 
 async def list_models() -> list[str]:

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
-import re
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +14,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 
 from backpropagate.data.preview import preview_rows
 from backpropagate.errors import BackpropError, ErrorCode, disk_full_error
+from backpropagate.runs.datacheck import check_data
 from backpropagate.runs.inputs import resolve_model
 from backpropagate.runs.uploads import store_upload, too_large, upload_limit, upload_suffix
 from backpropagate.server.routes.deps import ServiceDep, SettingsDep
@@ -135,24 +133,10 @@ async def validate_dataset(
 ) -> dict[str, Any]:
     """The data checker's report (formats, rows, bad rows, token lengths); ``ok`` says if it can train.
 
-    It runs `backprop data validate --json` in a subprocess: loading a tokenizer pulls in
-    libraries the server process keeps out.
+    It runs in a subprocess (``runs/datacheck.py``): loading a tokenizer pulls in libraries the
+    server process keeps out.
     """
     row = await asyncio.to_thread(service.store.get_dataset, dataset_id)
     if model.lower() != "none":
         model = await asyncio.to_thread(resolve_model, model, settings)
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "backpropagate", "data", "validate", row.stored_path,
-        "--model", model, "--max-seq-len", str(max_seq_len), "--json",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    out, err = await asyncio.wait_for(proc.communicate(), 600)
-    try:
-        return json.loads(out)
-    except ValueError:
-        match = re.search(r"\[([A-Z_]+)\] (.*)", err.decode(errors="replace"))
-        if match and match.group(1) in ErrorCode.__members__:
-            raise BackpropError(match.group(1), match.group(2)) from None
-        raise BackpropError(
-            ErrorCode.RUNTIME_INTERNAL, f"The data checker failed: {err.decode(errors='replace')[-1000:]}"
-        ) from None
+    return await check_data(row.stored_path, model, max_seq_len)
