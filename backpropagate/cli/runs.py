@@ -295,13 +295,15 @@ def _follow_ws(url: str, run_id: str, after: int):
         ws = connect(f"{ws_url}/api/runs/{run_id}/events?after={after}")
     except OSError as exc:
         raise _unreachable(url, exc) from exc
+    from backpropagate.events import Error, EventBase, parse_wire
+
     with ws:
         for message in ws:
-            data = json.loads(message)
-            if data.get("type") == "error" and "code" in data:
-                raise BackpropError(data["code"], data.get("message"))
-            if data.get("type") != "heartbeat":
-                yield data
+            item = parse_wire(message)
+            if isinstance(item, Error) and item.seq == 0:  # the server refused the stream
+                raise BackpropError(item.code, item.message, hint=item.hint)
+            if isinstance(item, EventBase):  # heartbeats are not events
+                yield item.model_dump(mode="json")
 
 
 def watch(
