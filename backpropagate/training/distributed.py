@@ -285,7 +285,7 @@ def hold(control: RunControl) -> bool:
 
 def seed_rank(seed: int, step: int) -> None:
     """Ranks after the first draw their own dropout masks (rank 0 keeps the one-process stream)."""
-    if rank() == 0:
+    if not is_initialized() or rank() == 0:
         return
     import numpy as np
     import torch

@@ -164,7 +164,11 @@ def run_training(
     try:
         run = setup(config, run_dir, emit, control or RunControl())
         # One monitor per machine watches all of its GPUs; a hot one pauses the group (fit()).
-        monitor = _start_monitor(config, emit, run.control) if d.local_rank() == 0 else None
+        monitor = (
+            _start_monitor(config, emit, run.control)
+            if not d.is_initialized() or d.local_rank() == 0
+            else None
+        )
         try:
             result = fit(run)
         finally:
@@ -172,7 +176,7 @@ def run_training(
                 monitor.stop()
         # Rank 0 writes the adapter; the others are done (a barrier here could time out on a
         # large full model's save and take rank 0 down with it).
-        if result.status == "completed" and d.is_main():
+        if result.status == "completed" and _main():
             save(run, result, started)
         return result
     except torch.cuda.OutOfMemoryError as exc:  # outside a training step: loading, evaluation
@@ -203,7 +207,7 @@ def setup(config: RunConfig, run_dir: Path, emit: Emit, control: RunControl) -> 
 
     # `auto` is measured on rank 0's GPU and used by every rank: one micro-batch for the group.
     micro_batch, checkpointing = d.broadcast(
-        choose_micro_batch(config, model_path, device, log) if d.is_main() else None
+        choose_micro_batch(config, model_path, device, log) if _main() else None
     )
     if config.objective != "sft":
         # Unsloth's fast forward skips the logits in training unless asked; the preference losses need them.
@@ -263,11 +267,23 @@ def setup(config: RunConfig, run_dir: Path, emit: Emit, control: RunControl) -> 
             backend=loaded.backend,
             device=str(device),
             total_steps=steps,
-            world_size=d.world_size(),
+            world_size=_rank_world()[1],
             devices=devices,
         )
     )
     return run
+
+
+def _rank_world() -> tuple[int, int]:
+    """(rank, world size) of the group this process trains in. Outside a process group it is a
+    plain run whatever RANK and WORLD_SIZE say (a user's own script under torchrun): it trains on
+    every example and writes everything."""
+    return (d.rank(), d.world_size()) if d.is_initialized() else (0, 1)
+
+
+def _main() -> bool:
+    """Whether this process evaluates and writes (rank 0, or a plain run)."""
+    return _rank_world()[0] == 0
 
 
 def _check_objective(config: RunConfig, formats: dict[str, str]) -> None:
@@ -292,13 +308,13 @@ def _restore(run: Run, log: Any) -> None:
     reads that one from the shared run folder.
     """
     loaded = None
-    if d.is_main():
+    if _main():
         loaded, skipped = ckpt.load_latest_checkpoint(run.ckpt_root)
         for err in skipped:
             log.warning("%s", err.message)
             run.emit(Warning_(code=str(err.code), message=err.message, hint=err.hint))
     chosen = d.broadcast(str(loaded.path) if loaded is not None else None)
-    if not d.is_main() and chosen is not None:
+    if not _main() and chosen is not None:
         loaded, _ = ckpt.load_latest_checkpoint(run.ckpt_root)
         if loaded is None or str(loaded.path) != chosen:
             raise BackpropError(
@@ -319,8 +335,9 @@ def _restore(run: Run, log: Any) -> None:
     run.state = TrainState.from_json(loaded.state)
     ckpt.restore_rng(loaded.rng)
     mine = run.state.rank_rng
-    if mine and len(mine) == d.world_size():
-        d.set_rng_state(mine[d.rank()])
+    rank, world = _rank_world()
+    if mine and len(mine) == world:
+        d.set_rng_state(mine[rank])
     else:  # a group resuming a one-process checkpoint (or the reverse): fresh streams per rank
         d.seed_rank(run.config.seed, run.state.step)
     run.resumed_from_step = run.state.step
@@ -480,7 +497,9 @@ def _accumulate_and_step(run: Run, step: int, examples: list[dict[str, Any]]) ->
     oom: torch.cuda.OutOfMemoryError | None = None
     try:
         # This rank's shard of the step; its gradients accumulate locally, without communication.
-        for i, chunk in enumerate(split_micro_batches(d.shard(examples), run.state.micro_batch)):
+        for i, chunk in enumerate(
+            split_micro_batches(d.shard(examples, *_rank_world()), run.state.micro_batch)
+        ):
             if run.preference is not None:
                 # A preference loss is a mean over rows: weighted by its share, the chunks sum to the step's mean.
                 out = run.preference(model, chunk)
@@ -543,7 +562,7 @@ def _evaluate(run: Run, step: int) -> None:
     reported and training goes on."""
     if not run.eval:
         return
-    entry = d.broadcast(_evaluate_here(run, step) if d.is_main() else None)
+    entry = d.broadcast(_evaluate_here(run, step) if _main() else None)
     if entry is not None:  # every rank keeps the same history: it decides the final evaluation
         run.state.eval_history.append(entry)
         run.emit(Eval(**entry))
@@ -593,7 +612,7 @@ def _checkpoint(run: Run) -> ckpt.SavedCheckpoint:
     state = run.state
     if d.is_initialized():
         state.rank_rng = d.gather(d.rng_state())
-    saved = _write_checkpoint(run) if d.is_main() else None
+    saved = _write_checkpoint(run) if _main() else None
     return d.broadcast(saved)
 
 
