@@ -130,3 +130,29 @@ def test_processes_appending_to_one_file_lose_nothing(tmp_path: Path) -> None:
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     assert len(rows) == 90
     assert sorted((r["who"], r["i"]) for r in rows) == [(w, i) for w in range(3) for i in range(30)]
+
+
+def test_the_chat_page_rates_the_marked_columns_latest_reply() -> None:
+    from ui_app.state.chat import rating_rows
+
+    left = [*PROMPT, {"role": "assistant", "content": "Four."}]
+    right = [*PROMPT[:2], PROMPT[2], {"role": "assistant", "content": "Five.", "error": ""}]
+    kind, row = rating_rows("right", left, right, "exp-l", "exp-r")
+    assert kind == "pairs" and row["prompt"] == PROMPT
+    assert (row["chosen"], row["rejected"], row["chosen_export"], row["rejected_export"]) == (
+        "Five.",
+        "Four.",
+        "exp-r",
+        "exp-l",
+    )
+    kind, row = rating_rows("left", left, [], "exp-l", "none", up=False)
+    assert kind == "kto" and row == {
+        "prompt": PROMPT,
+        "completion": "Four.",
+        "label": False,
+        "export": "exp-l",
+    }
+    with pytest.raises(BackpropError, match="empty reply"):  # the model said nothing in one column
+        rating_rows("left", left, [*PROMPT, {"role": "assistant", "content": ""}], "a", "b")
+    with pytest.raises(BackpropError, match="column"):
+        rating_rows("middle", left, right, "a", "b")

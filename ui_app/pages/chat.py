@@ -1,6 +1,7 @@
 """The Chat page: talk to a run's GGUF export, optionally beside a second export answering the same chat.
 
 The second column can be the run's base model: one button exports it (same quantization) and picks it.
+Replies are rated into data sets under the columns: the better of two (DPO pairs) or one up or down (KTO).
 """
 
 from __future__ import annotations
@@ -42,7 +43,105 @@ def _column(messages: rx.Var, picked: rx.Var, items: rx.Var, on_change: object, 
             width="100%",
             align_items="stretch",
         ),
+        _rating_controls(col),
         width="100%",
+    )
+
+
+def _rating_controls(col: str) -> rx.Component:
+    """Under a column's latest reply: mark it the better one (two columns), or rate it up or down."""
+    s = ChatState
+    ready = s.left_ready if col == "left" else s.right_ready
+    rated = s.rated_left if col == "left" else s.rated_right
+    return rx.cond(
+        ready,
+        rx.flex(
+            rx.cond(
+                s.left_ready & s.right_ready,
+                rx.button(
+                    rx.icon("check", size=14),
+                    "This one is better",
+                    on_click=ChatState.prefer(col),
+                    disabled=s.rated_pair,
+                    size="1",
+                    variant="soft",
+                    id=f"chat-better-{col}",
+                ),
+            ),
+            rx.icon_button(
+                rx.icon("thumbs_up", size=14),
+                on_click=ChatState.rate(col, True),
+                disabled=rated,
+                size="1",
+                variant="soft",
+                color_scheme="green",
+                aria_label="Good reply",
+                id=f"chat-up-{col}",
+            ),
+            rx.icon_button(
+                rx.icon("thumbs_down", size=14),
+                on_click=ChatState.rate(col, False),
+                disabled=rated,
+                size="1",
+                variant="soft",
+                color_scheme="red",
+                aria_label="Bad reply",
+                id=f"chat-down-{col}",
+            ),
+            gap="2",
+            margin_top="0.75em",
+            align="center",
+        ),
+    )
+
+
+def _ratings_panel() -> rx.Component:
+    s = ChatState
+    return rx.flex(
+        rx.text(
+            "Saved ratings: ",
+            rx.text.strong(s.pairs_count),
+            " pairs, ",
+            rx.text.strong(s.kto_count),
+            " rated replies",
+            size="2",
+            id="chat-ratings-count",
+        ),
+        rx.cond(
+            s.pairs_count > 0,
+            rx.link(
+                "Train on these ratings (DPO)",
+                href="/new?data=" + s.pairs_id + "&objective=dpo",
+                id="chat-train-dpo",
+                size="2",
+            ),
+        ),
+        rx.cond(
+            s.kto_count > 0,
+            rx.link(
+                "Train on these ratings (KTO)",
+                href="/new?data=" + s.kto_id + "&objective=kto",
+                id="chat-train-kto",
+                size="2",
+            ),
+        ),
+        rx.text(
+            "Mark the better of two replies to save a preference pair, or rate one up or down for KTO; "
+            "they are saved as the chat-ratings data sets in your uploads.",
+            size="1",
+            color_scheme="gray",
+            width="100%",
+        ),
+        rx.cond(
+            s.rate_error != "",
+            rx.callout(s.rate_error, color_scheme="red", icon="triangle_alert", id="chat-rate-error"),
+        ),
+        gap="3",
+        align="center",
+        wrap="wrap",
+        margin_top="0.75em",
+        width="100%",
+        id="chat-ratings",
     )
 
 
@@ -151,6 +250,7 @@ def chat_page() -> rx.Component:
                     width="100%",
                 ),
                 _base_model_control(),
+                _ratings_panel(),
                 rx.form(
                     rx.hstack(
                         rx.text_area(

@@ -1,5 +1,8 @@
 """The Chat page's state: pick one or two GGUF exports and stream their replies to one conversation.
 
+Replies can be rated into training data: the better of two (a pair for DPO) or one up or down
+(a row for KTO), appended to the home's chat ratings data sets (backpropagate/runs/ratings.py).
+
 The model servers are llama.cpp child processes started by the same ExportJobs the API uses,
 so the page and ``POST /api/chat`` share them; nothing heavy is imported in this process. The
 run's base model (without the adapter) is exported through the same jobs to answer beside it.
@@ -13,7 +16,7 @@ from typing import Any
 
 import reflex as rx
 
-from backpropagate.errors import BackpropError
+from backpropagate.errors import BackpropError, ErrorCode
 from ui_app.state import service
 from ui_app.state.export import export_jobs, job_view, start_export
 
@@ -88,6 +91,39 @@ class Reply:
             self.done.set()
 
 
+def last_reply(messages: list[dict[str, str]]) -> str:
+    """The latest finished reply's text ("" while none, or when the model said nothing)."""
+    if not messages or messages[-1].get("role") != "assistant":
+        return ""
+    return messages[-1].get("content", "").strip()
+
+
+def rating_rows(
+    col: str,
+    left: list[dict[str, str]],
+    right: list[dict[str, str]],
+    left_id: str,
+    right_id: str,
+    up: bool | None = None,
+) -> tuple[str, dict[str, Any]]:
+    """The ratings data set kind and row for marking ``col``'s latest reply.
+
+    ``up`` None marks it the better of the two (a pair); True or False rates it alone (KTO).
+    The prompt is the marked column's conversation up to its latest user message: the history
+    the reply answered (both columns share the user's messages).
+    """
+    from backpropagate.runs import ratings
+
+    if col not in ("left", "right"):
+        raise BackpropError(ErrorCode.INPUT_REQUEST_INVALID, f"No chat column {col!r}.")
+    mine, other = (left, right) if col == "left" else (right, left)
+    mine_id, other_id = (left_id, right_id) if col == "left" else (right_id, left_id)
+    prompt = history(mine[:-1])
+    if up is None:
+        return "pairs", ratings.pair_row(prompt, last_reply(mine), last_reply(other), mine_id, other_id)
+    return "kto", ratings.kto_row(prompt, last_reply(mine), up, mine_id)
+
+
 def _run_all(replies: list[Reply]) -> None:
     for r in replies:
         r.run()
@@ -111,6 +147,22 @@ class ChatState(rx.State):
     asked_run: str = ""  # /chat?run=ID for a run without a GGUF export
     extra_command: str = ""  # how to add llama-cpp-python (the chat's model server) when it is missing
     asked_run_name: str = ""
+    rated_pair: bool = False  # the latest exchange has been marked (one pair per exchange)
+    rated_left: bool = False  # ... and each column's latest reply rated up or down
+    rated_right: bool = False
+    pairs_id: str = ""  # the chat ratings data sets and their rows
+    pairs_count: int = 0
+    kto_id: str = ""
+    kto_count: int = 0
+    rate_error: str = ""
+
+    @rx.var
+    def left_ready(self) -> bool:
+        return not self.sending and last_reply(self.left) != ""
+
+    @rx.var
+    def right_ready(self) -> bool:
+        return not self.sending and self.two and last_reply(self.right) != ""
 
     @rx.var
     def two(self) -> bool:
@@ -158,11 +210,62 @@ class ChatState(rx.State):
         if self.right_id != NONE and self.right_id not in ids:
             self.right_id = NONE
         self.loaded = True
+        await self._load_ratings()
+
+    async def _load_ratings(self) -> None:
+        from backpropagate.runs import ratings
+
+        svc = service.run_service()
+        got = await asyncio.to_thread(ratings.summary, svc.store, svc.settings)
+        self.pairs_id, self.pairs_count = (
+            got.get("pairs", {}).get("id", ""),
+            got.get("pairs", {}).get("rows", 0),
+        )
+        self.kto_id, self.kto_count = got.get("kto", {}).get("id", ""), got.get("kto", {}).get("rows", 0)
+
+    def _reset_rated(self) -> None:
+        self.rated_pair = self.rated_left = self.rated_right = False
+        self.rate_error = ""
+
+    async def _save_rating(self, col: str, up: bool | None) -> bool:
+        from backpropagate.runs import ratings
+
+        try:
+            kind, row = rating_rows(col, self.left, self.right, self.left_id, self.right_id, up)
+            svc = service.run_service()
+            await asyncio.to_thread(ratings.add_rating, svc.store, svc.settings, kind, row)
+        except BackpropError as exc:
+            self.rate_error = f"[{exc.code}] {exc.message}"
+            return False
+        self.rate_error = ""
+        await self._load_ratings()
+        return True
+
+    @rx.event
+    async def prefer(self, col: str) -> None:
+        """Mark ``col``'s latest reply as the better of the two: one pair for DPO."""
+        if self.sending or self.rated_pair or not self.two:
+            return
+        if await self._save_rating(col, None):
+            self.rated_pair = True
+
+    @rx.event
+    async def rate(self, col: str, up: bool) -> None:
+        """Rate ``col``'s latest reply alone, up or down: one row for KTO."""
+        done = self.rated_left if col == "left" else self.rated_right
+        if self.sending or done:
+            return
+        if await self._save_rating(col, bool(up)):
+            if col == "left":
+                self.rated_left = True
+            else:
+                self.rated_right = True
 
     @rx.event
     def set_left(self, value: str) -> None:
         self.left_id = value
         self.left = []
+        self._reset_rated()
         self.base_id, self.base_status, self.base_error = "", "", ""
 
     @rx.event(background=True)
@@ -197,11 +300,13 @@ class ChatState(rx.State):
             async with self:
                 await self._load_choices()  # the base export is now one of the choices
                 self.right_id, self.right = state["id"], []
+                self._reset_rated()
 
     @rx.event
     def set_right(self, value: str) -> None:
         self.right_id = value
         self.right = []
+        self._reset_rated()
 
     @rx.event
     def set_draft(self, value: str) -> None:
@@ -211,6 +316,7 @@ class ChatState(rx.State):
     def clear(self) -> None:
         if not self.sending:
             self.left, self.right, self.error = [], [], ""
+            self._reset_rated()
 
     @rx.event(background=True)
     async def send(self) -> None:
@@ -219,6 +325,7 @@ class ChatState(rx.State):
             if self.sending or not text or not self.left_id:
                 return
             self.sending, self.error, self.draft = True, "", ""
+            self._reset_rated()  # a new exchange can be rated again
             columns = [("left", self.left_id)] + ([("right", self.right_id)] if self.two else [])
             replies = []
             for name, export_id in columns:

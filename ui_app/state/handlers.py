@@ -22,6 +22,8 @@ HANDLER_POLICIES: dict[str, str] = {
     "ChatState.set_left": "run id, looked up by RunService",
     "ChatState.set_right": "run id, looked up by RunService",
     "ChatState.set_draft": "chat text, sent to the model only",
+    "ChatState.prefer": "column name, left or right (others refused); the replies are the state's own",
+    "ChatState.rate": "column name, left or right (others refused), and a boolean",
     "CompareState.setvar": _SETVAR,
     "CompareState.toggle": "run id, looked up by RunService; at most MAX_RUNS",
     "CompareState.pick_metric": "metric label, kept only when it is one of the fixed METRICS labels",
