@@ -64,7 +64,8 @@ def checkpoint_weights(checkpoint: Path, run_config: dict[str, Any]) -> Path:
     from backpropagate.training.checkpoints import apply_weights
 
     # Built on the CPU like an export; QLoRA's adapter has the same names and shapes as LoRA's.
-    fields = {**run_config, "device": "cpu", "backend": "transformers"}
+    # On the CPU and in bf16 or fp32: an FP8 run's checkpoint holds the same bf16 LoRA weights.
+    fields = {**run_config, "device": "cpu", "backend": "transformers", "fp8": False}
     if fields.get("method") == "qlora":
         fields["method"] = "lora"
     config = RunConfig.model_validate({k: v for k, v in fields.items() if k in RunConfig.model_fields})
