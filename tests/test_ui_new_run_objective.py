@@ -73,3 +73,13 @@ def test_the_objective_and_touched_knobs_are_sent_like_other_fields() -> None:
     assert "dpo_loss_type" not in sent and "label_smoothing" not in sent  # untouched: RunConfig's default
     config = RunConfig.parse(sent)
     assert (config.objective, config.beta, config.dpo_loss_type) == ("dpo", 0.3, "sigmoid")
+
+
+def test_the_preview_shows_both_answers_of_a_pair_and_a_rated_completion() -> None:
+    from ui_app.pages.new_run import _bubbles
+
+    prompt = [{"role": "user", "content": "Hi"}]
+    pair = _bubbles({"kind": "preference", "messages": prompt, "chosen": "Hello!", "rejected": "Go away."})
+    assert [t["role"] for t in pair["turns"]] == ["user", "chosen", "rejected"]
+    rated = _bubbles({"kind": "kto", "messages": prompt, "completion": "Go away.", "label": False})
+    assert rated["turns"][-1] == {"role": "completion (undesirable)", "content": "Go away."}

@@ -438,11 +438,17 @@ def _bubbles(row: dict[str, Any]) -> dict[str, Any]:
     """A preview row as chat turns: [{"role", "content"}], whatever its source format."""
     messages = row.get("messages")
     if isinstance(messages, list):
-        return {
-            "turns": [
-                {"role": str(m.get("role", "")), "content": str(m.get("content", ""))} for m in messages
+        turns = [{"role": str(m.get("role", "")), "content": str(m.get("content", ""))} for m in messages]
+        # A preference pair shows both answers, a KTO row its completion and rating, as labelled turns.
+        if "chosen" in row:
+            turns += [
+                {"role": "chosen", "content": str(row["chosen"])},
+                {"role": "rejected", "content": str(row.get("rejected", ""))},
             ]
-        }
+        elif "completion" in row:
+            label = "desirable" if row.get("label") else "undesirable"
+            turns.append({"role": f"completion ({label})", "content": str(row["completion"])})
+        return {"turns": turns}
     if "prompt" in row or "chosen" in row:
         turns = [{"role": "user", "content": str(row.get("prompt", ""))}]
         turns.append({"role": "assistant", "content": str(row.get("chosen", row.get("completion", "")))})
@@ -610,12 +616,11 @@ def _model_step() -> rx.Component:
             ),
             rx.box(
                 rx.el.label("Objective", display="block"),
-                rx.select(
-                    OBJECTIVES,
+                rx.select.root(
+                    rx.select.trigger(id="field-objective", aria_label="Objective", width="100%"),
+                    rx.select.content(rx.foreach(OBJECTIVES, lambda o: rx.select.item(o, value=o))),
                     value=s.values["objective"],
                     on_change=lambda v: NewRunState.set_value("objective", v),
-                    aria_label="Objective",
-                    id="field-objective",
                 ),
             ),
             rx.box(
