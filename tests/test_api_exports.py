@@ -256,7 +256,7 @@ def _export_cached(api: Server, run_id: str, **body) -> dict:
 def test_ollama_registration_through_a_job_reaches_the_daemon(
     api: Server, run_id: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from backpropagate.runs.exports import ExportJobs
+    from backpropagate.export.jobs import ExportJobs
     from backpropagate.runs.store import Run
     from backpropagate.settings import Settings
 
@@ -326,7 +326,7 @@ def test_a_restarted_server_finds_exports_and_stops_its_model_servers(api: Serve
 
 def test_runs_without_weights_or_unfinished_are_not_exportable(tmp_path: Path) -> None:
     from backpropagate.errors import BackpropError
-    from backpropagate.runs.exports import ExportJobs, weights_source
+    from backpropagate.export.jobs import ExportJobs, weights_source
     from backpropagate.runs.store import Run
     from backpropagate.settings import Settings
 

@@ -15,7 +15,7 @@ import pytest
 
 from backpropagate.errors import BackpropError, ErrorCode
 from backpropagate.launcher import tunnel, workdir
-from backpropagate.launcher.same_origin import MARKER, patch_state_js
+from ui_app.same_origin import MARKER, patch_state_js
 
 
 def reflex_state_js() -> str:

@@ -92,9 +92,9 @@ def test_history_sends_the_turns_with_text_and_drops_the_pending_bubble() -> Non
 
 
 def test_a_reply_from_an_unknown_export_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, home: Path) -> None:
-    from backpropagate.runs.exports import ExportJobs
+    from backpropagate.export.jobs import ExportJobs
 
-    monkeypatch.setattr(export_state, "_api_state", lambda: None)
+    monkeypatch.setattr(export_state.service, "_api_state", None)  # no API app beside the pages
     monkeypatch.setattr(export_state, "_local_jobs", ExportJobs(get_settings()))
     reply = Reply("gguf-f16-00000000", [{"role": "user", "content": "hi"}])
     reply.run()
@@ -107,10 +107,10 @@ def test_a_reply_streams_from_the_exports_model_server(
     qwen2_run: Path,  # noqa: F811
 ) -> None:
     pytest.importorskip("llama_cpp.server")
-    from backpropagate.runs.exports import ExportJobs
+    from backpropagate.export.jobs import ExportJobs
 
     jobs = ExportJobs(get_settings())
-    monkeypatch.setattr(export_state, "_api_state", lambda: None)
+    monkeypatch.setattr(export_state.service, "_api_state", None)  # no API app beside the pages
     monkeypatch.setattr(export_state, "_local_jobs", jobs)
     run = SimpleNamespace(id=qwen2_run.name, status="completed", config={})
     try:

@@ -17,7 +17,7 @@ import reflex as rx  # noqa: E402
 from reflex import constants  # noqa: E402
 from reflex.plugins import RadixThemesPlugin, SitemapPlugin  # noqa: E402
 
-from backpropagate.launcher.same_origin import SameOriginBackendPlugin  # noqa: E402
+from ui_app.same_origin import SameOriginBackendPlugin  # noqa: E402
 
 _port = int(os.environ.get("BACKPROPAGATE_UI_PORT", "7860"))
 

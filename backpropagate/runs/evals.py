@@ -21,8 +21,8 @@ from typing import Any
 
 from backpropagate.errors import BackpropError, ErrorCode
 from backpropagate.export.job import JOB_FILE, LOG_FILE, PROGRESS_FILE
+from backpropagate.export.jobs import _pid_is_job, _read_progress, _tail, weights_source
 from backpropagate.logs import get_logger
-from backpropagate.runs.exports import _pid_is_job, _read_progress, _tail, weights_source
 from backpropagate.runs.store import Run, Store
 from backpropagate.settings import Settings
 

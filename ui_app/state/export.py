@@ -14,7 +14,7 @@ from urllib.parse import quote
 import reflex as rx
 
 from backpropagate.errors import BackpropError
-from backpropagate.runs.exports import EXPORTABLE_STATUSES
+from backpropagate.export.jobs import EXPORTABLE_STATUSES
 from ui_app.state import service
 
 FORMATS = ["gguf", "merged", "adapter"]
@@ -40,7 +40,7 @@ def quantizations(fmt: str, have_llama: bool) -> list[str]:
 def export_jobs() -> Any:
     """The ExportJobs of this server process: the API's own when it has one, so servers are shared."""
     global _local_jobs
-    from backpropagate.runs.exports import ExportJobs
+    from backpropagate.export.jobs import ExportJobs
 
     state = service.api_state()
     if state is not None:

@@ -13,7 +13,7 @@ from fastapi.responses import FileResponse, StreamingResponse
 from pydantic import BaseModel, Field
 
 from backpropagate.errors import BackpropError
-from backpropagate.runs.exports import ExportJobs
+from backpropagate.export.jobs import ExportJobs
 from backpropagate.server.routes.deps import ServiceDep
 
 

@@ -1,4 +1,5 @@
-"""Export jobs and model servers for the API: each export runs in its own subprocess.
+"""Export jobs and model servers, the server side of exports: each job runs in its own subprocess
+(``export/job.py``, the job itself).
 
 A job lives in ``runs/<run_id>/exports/<export_id>/``: ``.job.json`` (the request), ``.progress.jsonl``
 (JSON lines the job appends) and ``.job.log``; everything else in the folder is the export's output.
