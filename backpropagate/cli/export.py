@@ -37,7 +37,12 @@ def _progress_bar() -> tuple[Any, Any]:
 def register(app: typer.Typer) -> None:
     @app.command("export")
     def export_cmd(
-        source: str = typer.Argument(..., help="Run id, run folder, adapter folder or model folder."),
+        source: str | None = typer.Argument(None, help="Run id, run folder, adapter folder or model folder."),
+        model: Path | None = typer.Option(
+            None,
+            "--model",
+            help="A Hugging Face model or PEFT adapter folder trained elsewhere (instead of SOURCE).",
+        ),
         fmt: str = typer.Option("gguf", "--format", "-f", help="adapter, merged or gguf."),
         quantization: str | None = typer.Option(
             None,
@@ -59,6 +64,15 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Export a trained run as an adapter, merged weights or a (verified) GGUF."""
         from backpropagate.export.run_export import export_run
+
+        if (source is None) == (model is None):
+            print("error: give a SOURCE or --model DIR (one of them)", file=sys.stderr)
+            raise typer.Exit(2)
+        if model is not None:
+            if not model.is_dir():
+                print(f"error: --model {model}: no such folder", file=sys.stderr)
+                raise typer.Exit(2)
+            source = str(model.resolve())
 
         bar, update = _progress_bar()
         with bar:

@@ -1,6 +1,12 @@
 """Convert a Hugging Face model folder (safetensors) to a GGUF file with the `gguf` package.
 
-Supports the Llama family (llama, mistral-style) and Qwen2 with byte-level BPE tokenizers.
+Families: Llama (incl. Llama 3 rope scaling) and Mistral (llama.cpp's ``llama``), Qwen2, Qwen3
+(q/k norms), Gemma 2 and Gemma 3 text (norm weights stored as offsets from 1, logit soft-capping,
+sliding-window layers), Phi-3/Phi-4-mini (fused qkv and gate-up); byte-level BPE and SentencePiece
+tokenizers (``gguf_vocab``). llama.cpp's own converter (``convert_hf_to_gguf.py``) is not installed by
+any package, so this module is the path for every family; each is checked against the HF model by
+the KL verification. What llama.cpp cannot run as transformers does is refused by
+:func:`check_convertible` before anything is merged or written.
 Tensors are streamed one at a time (``safe_open``), so converting never holds two copies of
 the model in memory.
 """
@@ -17,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from backpropagate.errors import BackpropError, ErrorCode
+from backpropagate.export.gguf_vocab import add_spm_tokenizer, tokenizer_kind
 from backpropagate.logs import get_logger
 
 log = get_logger(__name__)
@@ -26,7 +33,16 @@ ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "llama",
     "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+    "Gemma2ForCausalLM": "gemma2",
+    "Gemma3ForCausalLM": "gemma3",
+    "Phi3ForCausalLM": "phi3",
 }
+# Architectures named so the refusal can say what to do instead.
+NOT_TEXT_ONLY = {"Gemma3ForConditionalGeneration": "Gemma3ForCausalLM (the text model)"}
+# llama.cpp's fixed sliding-window layouts: layer i is sliding when i % period < sliding.
+SWA_PATTERNS = {"gemma2": (2, 1), "gemma3": (6, 5)}
+GEMMA = ("gemma2", "gemma3")
 # Types written directly by this converter; K-quants go through llama.cpp (see quantize.py).
 DIRECT_TYPES = ("f32", "f16", "bf16", "q8_0")
 
@@ -66,19 +82,89 @@ def gguf_arch(config: dict[str, Any]) -> str:
     for name in archs:
         if name in ARCHITECTURES:
             return ARCHITECTURES[name]
+    instead = NOT_TEXT_ONLY.get(archs[0])
     raise BackpropError(
         ErrorCode.RUNTIME_EXPORT_ARCH_UNSUPPORTED,
         f"Cannot export architecture {archs[0]!r} (model_type {config.get('model_type')!r}) to GGUF; "
-        f"supported: {', '.join(sorted(ARCHITECTURES))}",
+        + (f"export {instead} instead; " if instead else "")
+        + f"supported: {', '.join(sorted(ARCHITECTURES))}",
         architecture=archs[0],
     )
+
+
+def _head_dim(config: dict[str, Any]) -> int:
+    return int(config.get("head_dim") or int(config["hidden_size"]) // int(config["num_attention_heads"]))
+
+
+def check_convertible(config: dict[str, Any]) -> str:
+    """The GGUF architecture, after refusing what llama.cpp would run differently from transformers.
+
+    Every problem is reported at once (RUNTIME_EXPORT_ARCH_UNSUPPORTED), before any merge or write.
+    """
+    arch = gguf_arch(config)
+    problems: list[str] = []
+    _theta, rope = _rope_theta(config)
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    allowed = {"llama": ("default", "linear", "llama3"), "gemma3": ("default", "linear")}.get(
+        arch, ("default", "linear")
+    )
+    if rope_type not in (*allowed, None):
+        problems.append(f"rope scaling {rope_type!r} (supported for {arch}: {', '.join(allowed)})")
+    if arch in GEMMA:
+        head_dim = _head_dim(config)
+        scalar = config.get("query_pre_attn_scalar")
+        hidden, n_head, n_layers = (
+            int(config[k]) for k in ("hidden_size", "num_attention_heads", "num_hidden_layers")
+        )
+        # llama.cpp scales queries by 1/sqrt(head_dim), except for the 27B shape (hidden / heads).
+        if (
+            scalar is not None
+            and int(scalar) != head_dim
+            and not (int(scalar) == hidden // n_head and n_layers in (46, 62))
+        ):
+            problems.append(
+                f"query_pre_attn_scalar {scalar} differs from head_dim {head_dim} (llama.cpp scales by head_dim)"
+            )
+        period, sliding = SWA_PATTERNS[arch]
+        layer_types = config.get("layer_types")
+        if layer_types and config.get("sliding_window"):
+            expected = [
+                "sliding_attention" if i % period < sliding else "full_attention" for i in range(n_layers)
+            ]
+            if list(layer_types) != expected:
+                problems.append(
+                    f"layer_types {layer_types} is not llama.cpp's fixed {arch} layout "
+                    f"({sliding} sliding-window layer(s) in every {period})"
+                )
+    if arch == "gemma3" and config.get("attn_logit_softcapping"):
+        problems.append("Gemma 3 with attn_logit_softcapping (llama.cpp's gemma3 has none)")
+    if arch == "phi3" and rope_type not in ("default", None):
+        problems.append(f"Phi-3 rope scaling {rope_type!r} (only unscaled rope is converted)")
+    if problems:
+        raise BackpropError(
+            ErrorCode.RUNTIME_EXPORT_ARCH_UNSUPPORTED,
+            f"Cannot export this {config.get('architectures', [arch])[0]} to GGUF: " + "; ".join(problems),
+            architecture=arch,
+        )
+    return arch
 
 
 def _rope_theta(config: dict[str, Any]) -> tuple[float, dict[str, Any]]:
     # transformers 5 keeps rope settings under rope_parameters; older configs at the top level.
     params = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
+    if isinstance(params.get("full_attention"), dict):  # per layer type (Gemma 3): the global layers'
+        params = dict(params["full_attention"])
     theta = params.get("rope_theta", config.get("rope_theta", 10000.0))
     return float(theta), params
+
+
+def _rope_theta_swa(config: dict[str, Any]) -> float | None:
+    """The sliding-window layers' rope base, where it differs from the global one (Gemma 3)."""
+    params = config.get("rope_parameters") or {}
+    if isinstance(params.get("sliding_attention"), dict):
+        return float(params["sliding_attention"].get("rope_theta", 10000.0))
+    base = config.get("rope_local_base_freq")
+    return float(base) if base is not None else None
 
 
 def _llama3_rope_factors(rope: dict[str, Any], theta: float, head_dim: int) -> np.ndarray:
@@ -193,11 +279,7 @@ def _add_tokenizer(writer: Any, model_dir: Path, n_vocab: int, warnings: list[st
     add_bos = bool(tok_cfg.get("add_bos_token", bos_text is not None and f'"{bos_text}"' in post))
     writer.add_add_bos_token(add_bos)
     writer.add_add_eos_token(False)
-
-    template = read_chat_template(model_dir, tok_cfg)
-    if template:
-        writer.add_chat_template(strip_generation_markers(template))
-    return {"tokens": len(tokens), "add_bos": add_bos, **ids}
+    return {"tokens": len(tokens), "add_bos": add_bos, "texts": set(tokens), **ids}
 
 
 def read_chat_template(model_dir: Path, tok_cfg: dict[str, Any] | None = None) -> str | None:
@@ -210,6 +292,45 @@ def read_chat_template(model_dir: Path, tok_cfg: dict[str, Any] | None = None) -
         tok_cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
     template = tok_cfg.get("chat_template")
     return template if isinstance(template, str) else None
+
+
+def _add_family_keys(writer: Any, arch: str, config: dict[str, Any], warnings: list[str]) -> None:
+    """Metadata one family needs beyond the common keys."""
+    window = config.get("sliding_window")
+    if arch in GEMMA:
+        if window:
+            writer.add_sliding_window(int(window))
+        if config.get("attn_logit_softcapping"):
+            writer.add_attn_logit_softcapping(float(config["attn_logit_softcapping"]))
+        if config.get("final_logit_softcapping"):
+            writer.add_final_logit_softcapping(float(config["final_logit_softcapping"]))
+    if arch == "gemma3":
+        swa_theta = _rope_theta_swa(config)
+        if swa_theta is not None:
+            writer.add_rope_freq_base_swa(swa_theta)
+    if arch == "phi3" and window:
+        writer.add_sliding_window(int(window))
+    if arch == "llama" and window and int(window) < int(config.get("max_position_embeddings", 0)):
+        # llama.cpp's llama has no sliding window (as its own converter): same output up to it.
+        warnings.append(
+            f"sliding_window {window} is not kept: llama.cpp attends to the whole context "
+            f"(outputs match up to {window} tokens)"
+        )
+
+
+# llama.cpp sets token attributes by the model's *name*: one with "phi3"/"phi-3" in it must have
+# these tokens, or loading fails (`unordered_map::at`). A tokenizer without them keeps a safe name.
+_PHI3_NAME_TOKENS = ("<unk>", "<s>", "</s>", "<|endoftext|>")
+
+
+def _safe_name(name: str, texts: set[str], warnings: list[str]) -> str:
+    if re.search(r"phi-?3", name, re.I) and not all(t in texts for t in _PHI3_NAME_TOKENS):
+        safe = re.sub(r"(phi)-?3", r"\1", name, flags=re.I)
+        warnings.append(
+            f"GGUF name {safe!r} instead of {name!r}: llama.cpp wants Phi-3 special tokens for that name"
+        )
+        return safe
+    return name
 
 
 # ---------------------------------------------------------------- tensors
@@ -284,24 +405,19 @@ def convert_to_gguf(
         )
     model_dir, out_path = Path(model_dir), Path(out_path)
     config = read_model_config(model_dir)
-    arch = gguf_arch(config)
+    arch = check_convertible(config)
+    vocab_kind = tokenizer_kind(model_dir)
     arch_enum = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
     n_layers = int(config["num_hidden_layers"])
     n_head = int(config["num_attention_heads"])
     n_kv = int(config.get("num_key_value_heads") or n_head)
     hidden = int(config["hidden_size"])
-    head_dim = int(config.get("head_dim") or hidden // n_head)
-    tied = bool(config.get("tie_word_embeddings", False))
+    head_dim = _head_dim(config)
+    # Gemma ties its output layer to the embeddings whether or not the config says so.
+    tied = bool(config.get("tie_word_embeddings", arch in GEMMA))
     theta, rope = _rope_theta(config)
     rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type == "llama3" and arch != "llama":
-        rope_type = "unsupported-" + rope_type
-    if rope_type not in ("default", "linear", "llama3", None):
-        raise BackpropError(
-            ErrorCode.RUNTIME_EXPORT_ARCH_UNSUPPORTED,
-            f"rope scaling {rope_type!r} in {model_dir / 'config.json'} is not supported by this converter "
-            "(supported: default, linear, llama3)",
-        )
+    rope_dims = int(head_dim * float(config.get("partial_rotary_factor") or 1.0))
 
     report = ConvertReport(path=out_path, arch=arch, tensor_count=0, bytes_written=0)
     name_map = gguf.get_tensor_name_map(arch_enum, n_layers)
@@ -325,7 +441,6 @@ def convert_to_gguf(
 
     out_path.parent.mkdir(parents=True, exist_ok=True)
     writer = gguf.GGUFWriter(str(out_path), arch)
-    writer.add_name(name or model_dir.name)
     writer.add_file_type(
         {
             "f32": gguf.LlamaFileType.ALL_F32,
@@ -341,8 +456,8 @@ def convert_to_gguf(
     writer.add_feed_forward_length(int(config["intermediate_size"]))
     writer.add_head_count(n_head)
     writer.add_head_count_kv(n_kv)
-    writer.add_rope_dimension_count(head_dim)
-    if head_dim != hidden // n_head:
+    writer.add_rope_dimension_count(rope_dims)
+    if head_dim != hidden // n_head or arch in GEMMA:
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
     writer.add_rope_freq_base(theta)
@@ -353,9 +468,17 @@ def convert_to_gguf(
         name = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"
         writer.add_tensor_info(name, list(rope_factors.shape), np.dtype(np.float32), rope_factors.nbytes)
     writer.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-6)))
+    _add_family_keys(writer, arch, config, report.warnings)
     n_vocab = int(config["vocab_size"])
     writer.add_vocab_size(n_vocab)
-    _add_tokenizer(writer, model_dir, n_vocab, report.warnings)
+    if vocab_kind == "spm":
+        vocab = add_spm_tokenizer(writer, model_dir, n_vocab)
+    else:
+        vocab = _add_tokenizer(writer, model_dir, n_vocab, report.warnings)
+    writer.add_name(_safe_name(name or model_dir.name, vocab["texts"], report.warnings))
+    template = read_chat_template(model_dir)
+    if template:
+        writer.add_chat_template(strip_generation_markers(template))
 
     for plan in plans:
         if plan.qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
@@ -387,6 +510,8 @@ def convert_to_gguf(
                 data = _permute_rope(data, n_head)
             elif arch == "llama" and plan.hf_name.endswith("k_proj.weight"):
                 data = _permute_rope(data, n_kv)
+            elif arch in GEMMA and plan.hf_name.endswith("norm.weight"):
+                data = data + 1.0  # Gemma's RMSNorm scales by (1 + w); llama.cpp's by w
             if plan.qtype == gguf.GGMLQuantizationType.F32:
                 out = data
             elif plan.qtype == gguf.GGMLQuantizationType.F16:

@@ -18,6 +18,7 @@ from typing import Any, Literal
 from backpropagate.errors import BackpropError, ErrorCode
 from backpropagate.export.gguf_convert import (
     DIRECT_TYPES,
+    check_convertible,
     convert_to_gguf,
     read_chat_template,
     read_model_config,
@@ -218,6 +219,9 @@ def _export_gguf(
     from backpropagate.export.ollama import render_modelfile
 
     warnings: list[str] = []
+    base_cfg = _base_config(src)
+    if base_cfg:  # a family llama.cpp cannot run as transformers does is refused before any merge
+        check_convertible(base_cfg)
     scratch = out_dir / ".work"
     scratch.mkdir()  # clear_leftovers removed any earlier one
     try:
@@ -226,7 +230,6 @@ def _export_gguf(
             model_dir = Path(src.base_model)
         else:
             report("merge", 0, 1)
-            base_cfg = _base_config(src)
             model_dir = scratch / "merged"
             export_merged(src, model_dir, _intermediate_dtype(base_cfg, q))  # type: ignore[arg-type]
             report("merge", 1, 1)
