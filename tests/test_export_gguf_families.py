@@ -258,3 +258,23 @@ def test_backprop_export_wants_one_source() -> None:
     assert CliRunner().invoke(app, ["export"]).exit_code == 2
     assert CliRunner().invoke(app, ["export", "RUN", "--model", "/nonexistent"]).exit_code == 2
     assert CliRunner().invoke(app, ["export", "--model", "/nonexistent"]).exit_code == 2
+
+
+def test_the_space_prefix_follows_tokenizer_json_and_phi3_names_stay_loadable() -> None:
+    from backpropagate.export.gguf_convert import _safe_name
+    from backpropagate.export.gguf_vocab import hf_adds_space_prefix
+
+    metaspace = {"pre_tokenizer": {"type": "Metaspace", "replacement": "▁", "prepend_scheme": "first"}}
+    legacy = {"normalizer": {"type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": "▁"}]}}
+    gemma = {"normalizer": {"type": "Replace"}, "pre_tokenizer": {"type": "Split"}}
+    never = {"pre_tokenizer": {"type": "Metaspace", "prepend_scheme": "never"}}
+    assert [hf_adds_space_prefix(t) for t in (metaspace, legacy, gemma, never, {})] == [
+        True,
+        True,
+        False,
+        False,
+        None,
+    ]
+    warnings: list[str] = []
+    assert _safe_name("my-phi-3-tune", {"<s>"}, warnings) == "my-phi-tune" and warnings
+    assert _safe_name("phi3", {"<unk>", "<s>", "</s>", "<|endoftext|>"}, []) == "phi3"
