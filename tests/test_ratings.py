@@ -156,3 +156,32 @@ def test_the_chat_page_rates_the_marked_columns_latest_reply() -> None:
         rating_rows("left", left, [*PROMPT, {"role": "assistant", "content": ""}], "a", "b")
     with pytest.raises(BackpropError, match="column"):
         rating_rows("middle", left, right, "a", "b")
+
+
+def test_an_exchange_with_an_empty_reply_is_left_out_of_later_prompts() -> None:
+    from ui_app.state.chat import prompt_of, rating_rows
+
+    chat = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "", "error": "The model ended its reply without any text."},
+        {"role": "user", "content": "Hello?"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "Two plus two?"},
+        {"role": "assistant", "content": "Four."},
+    ]
+    assert prompt_of(chat[:-1]) == [
+        {"role": "user", "content": "Hello?"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "Two plus two?"},
+    ]
+    _, row = rating_rows("left", chat, [*chat[:-1], {"role": "assistant", "content": "Five."}], "a", "b")
+    check_objective_fits("dpo", {"x": "preference"})
+    from backpropagate.data.formats import normalize
+
+    assert normalize(row, "preference", "x", 1).messages == prompt_of(chat[:-1])
+
+
+def test_a_row_the_loaders_would_refuse_is_refused_when_rated() -> None:
+    bad = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]  # two user turns in a row
+    with pytest.raises(BackpropError, match="cannot be trained on"):
+        ratings.pair_row(bad, "x", "y", "a", "b")

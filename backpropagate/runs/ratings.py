@@ -36,19 +36,20 @@ def pair_row(
 ) -> dict[str, Any]:
     """A preference pair: the conversation so far (ending with the user's turn) and both replies."""
     _check(prompt, chosen, rejected)
-    return {
+    row = {
         "prompt": prompt,
         "chosen": chosen,
         "rejected": rejected,
         "chosen_export": chosen_export,
         "rejected_export": rejected_export,
     }
+    return _valid(row, "preference")
 
 
 def kto_row(prompt: list[dict[str, str]], completion: str, label: bool, export: str) -> dict[str, Any]:
     """A rated reply: ``label`` true for a reply the user wants more of."""
     _check(prompt, completion)
-    return {"prompt": prompt, "completion": completion, "label": bool(label), "export": export}
+    return _valid({"prompt": prompt, "completion": completion, "label": bool(label), "export": export}, "kto")
 
 
 def _check(prompt: list[dict[str, str]], *replies: str) -> None:
@@ -59,6 +60,19 @@ def _check(prompt: list[dict[str, str]], *replies: str) -> None:
         )
     if any(not r.strip() for r in replies):
         raise BackpropError(ErrorCode.INPUT_REQUEST_INVALID, "An empty reply cannot be rated.")
+
+
+def _valid(row: dict[str, Any], fmt: Literal["preference", "kto"]) -> dict[str, Any]:
+    """The row, once the data loaders' own rules accept it: the file never holds a row they refuse."""
+    from backpropagate.data.formats import RowError, normalize
+
+    try:
+        normalize(row, fmt, NAMES["pairs" if fmt == "preference" else "kto"], 0)
+    except RowError as exc:
+        raise BackpropError(
+            ErrorCode.INPUT_REQUEST_INVALID, f"This rating cannot be trained on: {exc}."
+        ) from None
+    return row
 
 
 @contextmanager

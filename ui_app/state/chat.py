@@ -98,6 +98,21 @@ def last_reply(messages: list[dict[str, str]]) -> str:
     return messages[-1].get("content", "").strip()
 
 
+def prompt_of(messages: list[dict[str, str]]) -> list[dict[str, str]]:
+    """The conversation a reply answered, as training data takes it: user and assistant turns
+    alternating, ending with the user's. An exchange whose reply came back empty is left out."""
+    out: list[dict[str, str]] = []
+    for m in messages:
+        role, content = m.get("role"), str(m.get("content") or "")
+        if role == "user":
+            if out and out[-1]["role"] == "user":
+                out.pop()  # the reply to it was empty: that exchange is not part of the prompt
+            out.append({"role": "user", "content": content})
+        elif role == "assistant" and content.strip() and out and out[-1]["role"] == "user":
+            out.append({"role": "assistant", "content": content})
+    return out
+
+
 def rating_rows(
     col: str,
     left: list[dict[str, str]],
@@ -118,7 +133,7 @@ def rating_rows(
         raise BackpropError(ErrorCode.INPUT_REQUEST_INVALID, f"No chat column {col!r}.")
     mine, other = (left, right) if col == "left" else (right, left)
     mine_id, other_id = (left_id, right_id) if col == "left" else (right_id, left_id)
-    prompt = history(mine[:-1])
+    prompt = prompt_of(mine[:-1])
     if up is None:
         return "pairs", ratings.pair_row(prompt, last_reply(mine), last_reply(other), mine_id, other_id)
     return "kto", ratings.kto_row(prompt, last_reply(mine), up, mine_id)
