@@ -97,48 +97,50 @@ def _rating_controls(col: str) -> rx.Component:
 
 def _ratings_panel() -> rx.Component:
     s = ChatState
-    return rx.flex(
-        rx.text(
-            "Saved ratings: ",
-            rx.text.strong(s.pairs_count),
-            " pairs, ",
-            rx.text.strong(s.kto_count),
-            " rated replies",
-            size="2",
-            id="chat-ratings-count",
-        ),
-        rx.cond(
-            s.pairs_count > 0,
-            rx.link(
-                "Train on these ratings (DPO)",
-                href="/new?data=" + s.pairs_id + "&objective=dpo",
-                id="chat-train-dpo",
+    return rx.vstack(
+        rx.hstack(
+            rx.text(
+                "Saved ratings: ",
+                rx.text.strong(s.pairs_count),
+                " pairs, ",
+                rx.text.strong(s.kto_count),
+                " rated replies",
                 size="2",
+                id="chat-ratings-count",
             ),
-        ),
-        rx.cond(
-            s.kto_count > 0,
-            rx.link(
-                "Train on these ratings (KTO)",
-                href="/new?data=" + s.kto_id + "&objective=kto",
-                id="chat-train-kto",
-                size="2",
+            rx.cond(
+                s.pairs_count > 0,
+                rx.link(
+                    "Train on these ratings (DPO)",
+                    href="/new?data=" + s.pairs_id + "&objective=dpo",
+                    id="chat-train-dpo",
+                    size="2",
+                ),
             ),
+            rx.cond(
+                s.kto_count > 0,
+                rx.link(
+                    "Train on these ratings (KTO)",
+                    href="/new?data=" + s.kto_id + "&objective=kto",
+                    id="chat-train-kto",
+                    size="2",
+                ),
+            ),
+            spacing="4",
+            align="center",
+            wrap="wrap",
         ),
         rx.text(
             "Mark the better of two replies to save a preference pair, or rate one up or down for KTO; "
             "they are saved as the chat-ratings data sets in your uploads.",
             size="1",
             color_scheme="gray",
-            width="100%",
         ),
         rx.cond(
             s.rate_error != "",
             rx.callout(s.rate_error, color_scheme="red", icon="triangle_alert", id="chat-rate-error"),
         ),
-        gap="3",
-        align="center",
-        wrap="wrap",
+        spacing="1",
         margin_top="0.75em",
         width="100%",
         id="chat-ratings",
