@@ -55,7 +55,7 @@ def _rating_controls(col: str) -> rx.Component:
     rated = s.rated_left if col == "left" else s.rated_right
     return rx.cond(
         ready,
-        rx.flex(
+        rx.hstack(
             rx.cond(
                 s.left_ready & s.right_ready,
                 rx.button(
@@ -88,7 +88,7 @@ def _rating_controls(col: str) -> rx.Component:
                 aria_label="Bad reply",
                 id=f"chat-down-{col}",
             ),
-            gap="2",
+            spacing="2",
             margin_top="0.75em",
             align="center",
         ),

@@ -338,6 +338,8 @@ class NewRunState(rx.State):
     async def _check(self, path: str, label: str) -> None:
         self.values["data"] = path
         self.data_label = label
+        # The last file's report must not show under this file's name while it is checked.
+        self.report, self.preview, self.histogram, self.errors, self.formats = {}, [], [], [], {}
         self.busy = True
         yield
         try:
