@@ -311,12 +311,14 @@ def test_deleting_exports_cancels_running_jobs_and_forgets_finished_ones(
 def test_a_restarted_server_finds_exports_and_stops_its_model_servers(api: Server, run_id: str) -> None:
     jobs = api.get("/api/exports", params={"run_id": run_id}).json()
     f16 = next(j for j in jobs if j["quantization"] == "f16" and j["status"] == "completed")
+    api.stop()  # a real restart: one server a home (the second would be refused while it runs)
     second = Server(api.home, engine=True).start()
     try:
         again = second.get(f"/api/exports/{f16['id']}").json()  # read back from the export's folder
         assert again["status"] == "completed" and again["files"] == f16["files"]
         base_url = httpx.post(f"{second.url}/api/exports/{f16['id']}/serve", timeout=180).json()["base_url"]
-        assert httpx.get(f"{base_url}/v1/models", timeout=5).status_code == 200
+        # It answers, and refuses a caller without the key only the app holds (docs/security.md).
+        assert httpx.get(f"{base_url}/v1/models", timeout=5).status_code == 401
     finally:
         second.stop()
     assert second.proc is not None and second.proc.returncode is not None
