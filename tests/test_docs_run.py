@@ -33,6 +33,8 @@ EXAMPLE_DATASET = "ds-0123456789ab"
 
 pytestmark = pytest.mark.slow
 
+# Servers that run training runs: at most one per home.
+RUN_SERVER = re.compile(r"\bbackprop (serve-api|ui)\b")
 # Long-running commands: (pattern on the command line, pattern in its output meaning it serves).
 SERVERS = [
     (
@@ -217,9 +219,13 @@ def substitute(text: str, values: dict[str, str]) -> str:
 def run_serving(command: str, ready: re.Pattern, world) -> tuple[bool, str]:
     """Start a long-running command; it passes once its output matches ``ready``."""
     out = world["work"] / f"serve-{time.monotonic_ns()}.log"
+    env = world["env"]
+    if RUN_SERVER.search(command):
+        # One server a home (the second is refused): the world's API server holds the shared one.
+        env = {**env, "BACKPROPAGATE_HOME": str(world["work"] / f"home-{time.monotonic_ns()}")}
     with out.open("wb") as log:
         proc = subprocess.Popen(
-            ["bash", "-c", command], cwd=world["work"], env=world["env"],
+            ["bash", "-c", command], cwd=world["work"], env=env,
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
         )  # fmt: skip
     try:

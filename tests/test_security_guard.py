@@ -144,7 +144,14 @@ def start_server(tmp: Path, policy: SecurityPolicy, token: str | None, relaxed: 
     written = write_launch_file(policy, token)
     launch = tmp / f"launch-{policy.port}.json"
     os.replace(written, launch)  # keeps 0600; one file per server
-    env = {**os.environ, "BACKPROPAGATE_UI_LAUNCH": str(launch), "PYTHONPATH": str(REPO)}
+    # A home each: several of these servers run at once, and a home has at most one server.
+    home = tmp / f"home-{policy.port}"
+    env = {
+        **os.environ,
+        "BACKPROPAGATE_UI_LAUNCH": str(launch),
+        "PYTHONPATH": str(REPO),
+        "BACKPROPAGATE_HOME": str(home),
+    }
     args = [sys.executable, __file__, str(policy.port)] + (["relaxed"] if relaxed else [])
     log = open(tmp / f"server-{policy.port}.log", "wb")  # noqa: SIM115 - lives as long as the server
     proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp)
