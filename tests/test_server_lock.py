@@ -31,6 +31,31 @@ def test_the_lock_is_reentrant_in_one_process_and_refused_to_another(tmp_path: P
     assert "CONFIG_INVALID_SETTING" in other.stderr and f"pid {os.getpid()}" in other.stderr
 
 
+def test_an_app_that_shuts_down_gives_the_home_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An app served in-process (a test client, an embedding program) holds the home only while it
+    runs: once its lifespan ends, a server in another process may take it."""
+    from fastapi.testclient import TestClient
+
+    from backpropagate.server.app import create_app
+    from backpropagate.settings import get_settings
+
+    home = tmp_path / "home"
+    monkeypatch.setenv("BACKPROPAGATE_HOME", str(home))
+    get_settings.cache_clear()
+    code = (
+        f"from backpropagate.runs.scheduler import hold_server_lock; hold_server_lock({str(home / 'runs')!r})"
+    )
+    try:
+        with TestClient(create_app(gpu_indices=[])) as client:
+            assert client.get("/api/runs").status_code == 200
+            held = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+            assert held.returncode != 0 and "CONFIG_INVALID_SETTING" in held.stderr
+        free = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+        assert free.returncode == 0, free.stderr
+    finally:
+        get_settings.cache_clear()
+
+
 def test_a_server_leaves_alone_the_runs_of_another_home_on_a_shared_database(tmp_path: Path) -> None:
     """Server B starts on the database A uses: A's running and queued runs are not B's to settle."""
     url = f"sqlite:///{tmp_path / 'shared.db'}"

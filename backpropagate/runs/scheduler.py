@@ -38,7 +38,7 @@ WORKER_MODULE = launch.WORKER_MODULE
 STOP_GRACE_S = 60.0  # SIGTERM lets the worker finish its step and checkpoint; then SIGKILL
 
 
-_SERVER_LOCKS: dict[Path, int] = {}  # lock file -> open descriptor, held for the process's life
+_SERVER_LOCKS: dict[Path, int] = {}  # lock file -> open descriptor, held while the server runs
 
 
 def hold_server_lock(runs_dir: Path) -> None:
@@ -67,6 +67,15 @@ def hold_server_lock(runs_dir: Path) -> None:
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()}\n".encode())
     _SERVER_LOCKS[path] = fd
+
+
+def release_server_lock(runs_dir: Path) -> None:
+    """Give ``HOME/.server.lock`` back: a server that shuts down inside a process that lives on
+    (an app under a test client, an embedding program) must not keep the home to itself."""
+    path = (Path(runs_dir).resolve().parent / ".server.lock").resolve()
+    fd = _SERVER_LOCKS.pop(path, None)
+    if fd is not None:
+        os.close(fd)  # closing the descriptor drops the flock
 
 
 def worker_command() -> list[str]:

@@ -21,7 +21,7 @@ from backpropagate.events import ACTIVE_STATUSES, RESUMABLE_STATUSES
 from backpropagate.runs.hub import HEARTBEAT_S, EventHub, Line
 from backpropagate.runs.ids import create_run_dir
 from backpropagate.runs.inputs import check_data_still_there, check_run_inputs
-from backpropagate.runs.scheduler import Scheduler
+from backpropagate.runs.scheduler import Scheduler, release_server_lock
 from backpropagate.runs.store import Run, Store, open_store
 from backpropagate.settings import Settings, get_settings
 
@@ -66,6 +66,7 @@ class RunService:
 
     async def close(self) -> None:
         await self.hub.stop_all()  # workers keep running; the next server re-attaches
+        release_server_lock(self.runs_dir)
 
     # Queries --------------------------------------------------------------------
     async def get(self, run_id: str) -> Run:
