@@ -313,6 +313,11 @@ def test_main_pages_at_phone_and_desktop_width_in_both_themes(ui: Page, ui_serve
                     overflow = ui.evaluate("document.documentElement.scrollWidth")
                     assert overflow <= width + 1, f"{name} at {width} px ({theme}) is {overflow} px wide"
                     box = main.bounding_box()
+                    for _ in range(20):  # a live page may re-render its main element: measure once it is back
+                        if box:
+                            break
+                        ui.wait_for_timeout(100)
+                        box = main.bounding_box()
                     assert box and box["x"] >= 0 and box["x"] + box["width"] <= width + 1, (name, width, box)
                     if name == "compare":  # the address's one run, not the clone deleted earlier
                         expect(ui.locator("#compare-chart .recharts-line-curve")).to_have_count(1)

@@ -104,8 +104,15 @@ def _start_and_watch_rewards(ui: Page, name: str, shot: str) -> str:
     charts = ui.locator("#reward-charts")
     expect(charts).to_be_visible(timeout=60000)  # a preference run charts margin and accuracy
     first = _wait_points(ui, 2, timeout_s=240)
-    grown = _wait_points(ui, first + 2, timeout_s=120)
-    assert grown > first
+    # A demo DPO run takes ~20 s: the charts either grow while the page watches or the run ends.
+    run_url = f"{ui.url.split('/runs/')[0]}/api/runs/{run_id}"
+    deadline = time.monotonic() + 120
+    while _points(ui) <= first and time.monotonic() < deadline:
+        if ui.request.get(run_url).json()["status"] == "completed":
+            break
+        ui.wait_for_timeout(500)
+    status = ui.request.get(run_url).json()["status"]
+    assert _points(ui) > first or status == "completed", (first, _points(ui), status)
     expect(charts.locator(".recharts-line-curve").first).to_be_visible()
     config = ui.request.get(f"{ui.url.split('/runs/')[0]}/api/runs/{run_id}").json()["config"]
     assert config["objective"] == "dpo" and config["name"] == name, config
